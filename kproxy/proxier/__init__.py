@@ -1,0 +1,1 @@
+"""Per-mode proxiers: pure render and plan, plus the driver that hands a plan to a backend."""
