@@ -81,6 +81,8 @@ class ServicePort:
     external_policy_local: bool = False
     internal_policy_local: bool = False
     health_check_node_port: int = 0
+    # NodePort, LoadBalancer, or externalIPs: reachable from outside, so eTP applies.
+    externally_accessible: bool = False
 
     @property
     def protocol(self) -> Protocol:
@@ -103,11 +105,20 @@ class ServicePort:
             external_policy_local=self.external_policy_local,
             internal_policy_local=self.internal_policy_local,
             health_check_node_port=self.health_check_node_port,
+            externally_accessible=self.externally_accessible,
         )
 
     @property
     def cluster_ip(self) -> str:
         return self.cluster_ips[0]
+
+    @property
+    def uses_cluster_endpoints(self) -> bool:
+        return not self.internal_policy_local or (self.externally_accessible and not self.external_policy_local)
+
+    @property
+    def uses_local_endpoints(self) -> bool:
+        return self.internal_policy_local or self.external_policy_local
 
 
 @dataclass(frozen=True, slots=True)

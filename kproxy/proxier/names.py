@@ -1,0 +1,62 @@
+"""Names of every kernel object kproxy owns.
+
+Per-service names are a prefix plus a hash of the Service port (and endpoint), so they are
+stable across restarts and fit the kernel's limits; cleanup finds them by prefix alone.
+The hash is upstream's: the first 16 characters of base32(sha256(name + protocol [+ endpoint])).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+from kproxy.model import ServicePortName
+
+PREFIX = "KPROXY-"
+IPTABLES_CHAIN_MAX = 28  # xt_table's XT_EXTENSION_MAXNAMELEN-1 for user chains
+IPSET_NAME_MAX = 31
+NFT_TABLE = "kproxy"
+IPVS_DEVICE = "kproxy-ipvs0"
+UPSTREAM_PREFIX = "KUBE-"
+
+# Fixed chains, per table.
+SERVICES = "KPROXY-SERVICES"
+EXTERNAL_SERVICES = "KPROXY-EXTERNAL-SERVICES"
+NODEPORTS = "KPROXY-NODEPORTS"
+POSTROUTING = "KPROXY-POSTROUTING"
+MARK_MASQ = "KPROXY-MARK-MASQ"
+FORWARD = "KPROXY-FORWARD"
+PROXY_FIREWALL = "KPROXY-PROXY-FIREWALL"
+LOCALNET_FIREWALL = "KPROXY-FIREWALL"
+
+
+def _hash(text: str) -> str:
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
+
+
+def port_hash(spn: ServicePortName) -> str:
+    return _hash(str(spn) + spn.protocol.lower)
+
+
+def service_chain(spn: ServicePortName) -> str:
+    return "KPROXY-SVC-" + port_hash(spn)
+
+
+def local_chain(spn: ServicePortName) -> str:
+    return "KPROXY-SVL-" + port_hash(spn)
+
+
+def external_chain(spn: ServicePortName) -> str:
+    return "KPROXY-EXT-" + port_hash(spn)
+
+
+def firewall_chain(spn: ServicePortName) -> str:
+    return "KPROXY-FW-" + port_hash(spn)
+
+
+def endpoint_chain(spn: ServicePortName, endpoint_addr: str) -> str:
+    return "KPROXY-SEP-" + _hash(str(spn) + spn.protocol.lower + endpoint_addr)
+
+
+def is_owned(name: str) -> bool:
+    return name.startswith(PREFIX)
