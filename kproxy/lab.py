@@ -26,7 +26,6 @@ step, steps run in parallel across namespaces), so a lab comes up in well under 
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -36,6 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Protocol
 
@@ -281,34 +281,43 @@ class Lab:
         _ip_batch(None, [f"netns add {ns}" for ns in self.namespaces])
         # Sysctls come first: interfaces copy the namespace's `default` settings (accept_dad
         # above all) when they are created, not later.
-        _parallel([lambda ns=ns, s=s: _sysctl(ns, s) for ns, s in self._sysctls().items()])
+        _parallel([partial(_sysctl, ns, settings) for ns, settings in self._sysctls().items()])
         # Each namespace creates the links it is the upstream end of (the LAN creates the
         # nodes' and clients' eth0, a node creates its pods' eth0), then every namespace
         # configures its own side once all links exist.
-        _parallel([lambda ns=ns, b=b: _ip_batch(ns, b) for ns, b in self._link_batches().items()])
-        _parallel([lambda ns=ns, b=b: _ip_batch(ns, b) for ns, b in self._config_batches().items()])
+        _parallel([partial(_ip_batch, ns, lines) for ns, lines in self._link_batches().items()])
+        _parallel([partial(_ip_batch, ns, lines) for ns, lines in self._config_batches().items()])
         _wait_ready(self.namespaces, bridges={self.lan_ns: "br0", **{n.ns: "cbr0" for n in self.nodes}})
 
     def _sysctls(self) -> dict[str, list[str]]:
         # A plain switch: no netfilter on bridged LAN frames (br_netfilter is on by default in
         # every new namespace on this kernel).
-        lan = ["net.bridge.bridge-nf-call-iptables=0", "net.bridge.bridge-nf-call-ip6tables=0",
-               "net.bridge.bridge-nf-call-arptables=0", *_NO_DAD]
+        lan = [
+            "net.bridge.bridge-nf-call-iptables=0",
+            "net.bridge.bridge-nf-call-ip6tables=0",
+            "net.bridge.bridge-nf-call-arptables=0",
+            *_NO_DAD,
+        ]
         node = [
-            *_NO_DAD, *_NO_RP_FILTER,
+            *_NO_DAD,
+            *_NO_RP_FILTER,
             "net.ipv4.ip_forward=1",
-            "net.ipv6.conf.all.forwarding=1", "net.ipv6.conf.default.forwarding=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv6.conf.default.forwarding=1",
             # Pod → ServiceIP → pod on the same cbr0 is bridged, not routed; without these the
             # reply skips the un-DNAT and the client drops it.
-            "net.bridge.bridge-nf-call-iptables=1", "net.bridge.bridge-nf-call-ip6tables=1",
+            "net.bridge.bridge-nf-call-iptables=1",
+            "net.bridge.bridge-nf-call-ip6tables=1",
             # node-1 forwards client traffic for node-2's pods back out of eth0; a redirect
             # would make the client bypass node-1 and change which node's rules apply.
-            "net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf.default.send_redirects=0",
+            "net.ipv4.conf.all.send_redirects=0",
+            "net.ipv4.conf.default.send_redirects=0",
         ]
         host = [*_NO_DAD, *_NO_RP_FILTER, *_NO_ACCEPT_REDIRECTS]
         table = {self.lan_ns: lan}
         table.update({n.ns: node for n in self.nodes})
-        table.update({h.ns: host for h in (*self.all_pods, *self.clients)})
+        table.update({p.ns: host for p in self.all_pods})
+        table.update({c.ns: host for c in self.clients})
         return table
 
     def _link_batches(self) -> dict[str, list[str]]:
@@ -337,11 +346,15 @@ class Lab:
             lines = _eth0(node.ipv4, LAN_V4_PREFIXLEN, node.ipv6, LAN_V6_PREFIXLEN)
             for other in self.nodes:
                 if other is not node:
-                    lines += [f"route add {other.pod_cidr_v4} via {other.ipv4}",
-                              f"route add {other.pod_cidr_v6} via {other.ipv6}"]
+                    lines += [
+                        f"route add {other.pod_cidr_v4} via {other.ipv4}",
+                        f"route add {other.pod_cidr_v6} via {other.ipv6}",
+                    ]
             if first_client is not None:
-                lines += [f"route add {CLIENT_NET_V4} via {first_client.ipv4}",
-                          f"route add {CLIENT_NET_V6} via {first_client.ipv6}"]
+                lines += [
+                    f"route add {CLIENT_NET_V4} via {first_client.ipv4}",
+                    f"route add {CLIENT_NET_V6} via {first_client.ipv6}",
+                ]
             # The /24 above reaches client-1 only; the other clients' extra addresses get
             # host routes so that replies to them go to the right client.
             for client in self.clients[1:]:
@@ -372,8 +385,10 @@ _NO_DAD = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0
 # on every host (kube-proxy setups differ on rp_filter, and the lab is about plain routing).
 _NO_RP_FILTER = ["net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"]
 _NO_ACCEPT_REDIRECTS = [
-    "net.ipv4.conf.all.accept_redirects=0", "net.ipv4.conf.default.accept_redirects=0",
-    "net.ipv6.conf.all.accept_redirects=0", "net.ipv6.conf.default.accept_redirects=0",
+    "net.ipv4.conf.all.accept_redirects=0",
+    "net.ipv4.conf.default.accept_redirects=0",
+    "net.ipv6.conf.all.accept_redirects=0",
+    "net.ipv6.conf.default.accept_redirects=0",
 ]
 
 
@@ -397,7 +412,7 @@ def _eth0(v4: str, v4_len: int, v6: str, v6_len: int) -> list[str]:
 
 def _check_layout(prefix: str, nodes: int, pods_per_node: int, clients: int) -> None:
     if not re.fullmatch(r"[a-z][a-z0-9]{0,15}", prefix):
-        raise ValueError(f"prefix must be 1-16 lowercase letters or digits, starting with a letter: {prefix!r}")
+        raise ValueError(f"prefix must be a lowercase letter then up to 15 letters or digits: {prefix!r}")
     if not 1 <= nodes <= MAX_NODES:
         raise ValueError(f"nodes must be 1..{MAX_NODES}, not {nodes}")
     if not 0 <= pods_per_node <= MAX_PODS_PER_NODE:
@@ -502,9 +517,12 @@ def _ip_batch(ns: str | None, lines: Iterable[str], force: bool = False, check: 
         argv.append("-force")
     argv += ["-batch", "-"]
     text = "".join(f"{line}\n" for line in lines)
-    done = subprocess.run(argv, input=text, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT, check=False)
+    done = subprocess.run(
+        argv, input=text, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT, check=False
+    )
     if check and done.returncode != 0:
-        raise LabError(f"ip -batch in {ns or 'the current namespace'} failed: {done.stderr.strip()}\ninput:\n{text}")
+        where = ns or "the current namespace"
+        raise LabError(f"ip -batch in {where} failed: {done.stderr.strip()}\ninput:\n{text}")
 
 
 def _sysctl(ns: str, settings: Sequence[str]) -> None:
@@ -557,11 +575,7 @@ def _ip_json(ns: str, args: Sequence[str]) -> list[dict[str, object]]:
 
 
 def _bridge_port_states(ns: str) -> list[str]:
-    done = subprocess.run(["bridge", "-n", ns, "-j", "link", "show"], capture_output=True, text=True, check=True)
+    argv = ["bridge", "-n", ns, "-j", "link", "show"]
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
     data = json.loads(done.stdout or "[]")
     return [str(port.get("state")) for port in data if isinstance(port, dict)]
-
-
-def is_ipv6(address: str) -> bool:
-    """True for an IPv6 address literal, False for IPv4 (raises on anything else)."""
-    return ipaddress.ip_address(address).version == 6

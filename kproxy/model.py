@@ -214,3 +214,16 @@ class ClusterState:
     services: Mapping[tuple[str, str], Service] = field(default_factory=dict)
     slices: Mapping[tuple[str, str], EndpointSlice] = field(default_factory=dict)
     nodes: Mapping[str, Node] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """One conntrack entry: the original direction and the source of the reply direction."""
+
+    protocol: Protocol
+    orig_src: str
+    orig_dst: str
+    orig_sport: int
+    orig_dport: int
+    reply_src: str
+    reply_sport: int

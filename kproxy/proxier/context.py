@@ -62,6 +62,8 @@ class NodeContext:
     localhost_nodeports: bool = True
     # With nf_conntrack_tcp_be_liberal set, INVALID packets are harmless and not dropped.
     conntrack_tcp_liberal: bool = False
+    # Every address of this family on the node (loopback too): what `addrtype LOCAL` matches.
+    local_ips: tuple[str, ...] = ()
 
     @property
     def mark(self) -> str:

@@ -77,6 +77,7 @@ class Ruleset:
     tables: Mapping[str, Chains]
     jumps: tuple[tuple[str, str, str, str, str], ...]
     services: Mapping[ServicePortName, ServiceRules] = field(default_factory=dict)
+    ctx: NodeContext | None = None
     # The inputs each ServiceRules was rendered from, so the next partial render can reuse it.
     inputs: Mapping[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]] = field(default_factory=dict)
 
@@ -107,7 +108,8 @@ def render(
     large = sum(len(endpoints.get(n, ())) for n in ports) > LARGE_CLUSTER_ENDPOINTS
     prev_inputs = previous.inputs if previous is not None else {}
     prev_rules = previous.services if previous is not None else {}
-    reuse_ok = previous is not None and _large_flag(previous) == large
+    # A changed node context (addresses, detector, flags) changes every Service's rules.
+    reuse_ok = previous is not None and previous.ctx == ctx and _large_flag(previous) == large
     services: dict[ServicePortName, ServiceRules] = {}
     inputs: dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]] = {}
     for name in sorted(ports):
@@ -126,6 +128,7 @@ def render(
         tables=_assemble(services, ctx),
         jumps=JUMPS + (LOCALNET_JUMPS if _localnet_guard(ctx) else ()),
         services=services,
+        ctx=ctx,
         inputs=inputs,
     )
 

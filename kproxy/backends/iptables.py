@@ -1,0 +1,157 @@
+"""iptables through `iptables-restore --noflush` transactions, and `iptables-save` for names.
+
+Rules are never read back for comparison (iptables normalises them, Calico's lesson); only
+chain names and our jumps in the built-in chains are read. The backend of the node (nf_tables
+or legacy) is detected as upstream's iptables-wrapper does, because writing to the other one
+would leave two disagreeing rulesets in the kernel.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from kproxy.errors import BackendError
+from kproxy.model import IPFamily
+
+# How long to wait for the xtables lock that other agents (kubelet, CNI plugins) also take.
+LOCK_WAIT_SECONDS = 10
+# Chains kubelet creates to tell which backend the node uses.
+HINT_CHAINS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
+OWN_PREFIX = "KPROXY-"
+_FAILED_LINE = re.compile(r"line:? (\d+) failed|Error occurred at line: (\d+)")
+
+
+def _run(argv: list[str], stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError as e:
+        raise BackendError(f"{argv[0]} is not installed", argv=tuple(argv)) from e
+    except subprocess.TimeoutExpired as e:
+        raise BackendError(f"{argv[0]} did not finish in {timeout}s", argv=tuple(argv)) from e
+
+
+def _binary(family: IPFamily, variant: str, tool: str) -> str:
+    base = "iptables" if family is IPFamily.V4 else "ip6tables"
+    suffix = f"-{tool}" if tool else ""
+    return f"{base}-{variant}{suffix}"
+
+
+def detect_variant() -> str:
+    """'nft' or 'legacy': the iptables backend this node already uses.
+
+    As upstream's iptables-wrapper: kubelet's hint chains decide if present; else whichever
+    backend holds more rules; a tie (a fresh node) goes to nft, the distributions' default.
+    """
+    counts = {}
+    for variant in ("nft", "legacy"):
+        text = ""
+        for family in IPFamily:
+            save = _binary(family, variant, "save")
+            if shutil.which(save) is None:
+                continue
+            text += _run([save], timeout=30).stdout
+        if any(f":{hint} " in text for hint in HINT_CHAINS):
+            return variant
+        counts[variant] = sum(1 for line in text.splitlines() if line.startswith("-"))
+    if not counts:
+        raise BackendError("neither iptables-nft nor iptables-legacy is installed")
+    return "legacy" if counts.get("legacy", 0) > counts.get("nft", 0) else "nft"
+
+
+@dataclass(frozen=True)
+class SavedState:
+    chains: dict[str, set[str]]
+    # (built-in chain, our target) of every jump already in the built-in chains, per table.
+    jumps: dict[str, set[tuple[str, str]]]
+    # The full text of rules in built-in chains that jump to an owned chain, per table (for cleanup).
+    jump_rules: dict[str, list[str]]
+
+
+class Iptables:
+    """One family of one iptables backend."""
+
+    def __init__(self, family: IPFamily, variant: str) -> None:
+        self.family = family
+        self.variant = variant
+
+    @property
+    def restore_cmd(self) -> list[str]:
+        return [_binary(self.family, self.variant, "restore"), "--noflush", "--counters", "-w", str(LOCK_WAIT_SECONDS)]
+
+    def available(self) -> bool:
+        return shutil.which(_binary(self.family, self.variant, "restore")) is not None
+
+    def save(self, tables: tuple[str, ...] = ("filter", "nat"), prefixes: tuple[str, ...] = (OWN_PREFIX,)) -> SavedState:
+        chains: dict[str, set[str]] = {}
+        jumps: dict[str, set[tuple[str, str]]] = {}
+        jump_rules: dict[str, list[str]] = {}
+        for table in tables:
+            argv = [_binary(self.family, self.variant, "save"), "-t", table]
+            res = _run(argv)
+            if res.returncode != 0:
+                # A table that was never used does not exist yet on the legacy backend.
+                if "does not exist" in res.stderr or "Table does not exist" in res.stderr:
+                    chains[table], jumps[table], jump_rules[table] = set(), set(), []
+                    continue
+                raise BackendError("reading iptables failed", argv=tuple(argv), returncode=res.returncode, stderr=res.stderr)
+            names: set[str] = set()
+            found: set[tuple[str, str]] = set()
+            rules: list[str] = []
+            for line in res.stdout.splitlines():
+                if line.startswith(":"):
+                    names.add(line[1:].split(" ", 1)[0])
+                elif line.startswith("-A ") and "-j " in line:
+                    chain = line.split(" ", 2)[1]
+                    target = line.rsplit("-j ", 1)[1].split(" ", 1)[0]
+                    if chain.startswith(prefixes) or not target.startswith(prefixes):
+                        continue
+                    found.add((chain, target))
+                    rules.append(line)
+            chains[table], jumps[table], jump_rules[table] = names, found, rules
+        return SavedState(chains, jumps, jump_rules)
+
+    def restore(self, text: str) -> None:
+        """Apply one transaction; on failure the kernel keeps what it had."""
+        if not text:
+            return
+        argv = self.restore_cmd
+        res = _run(argv, stdin=text)
+        if res.returncode != 0:
+            raise BackendError(
+                "iptables-restore refused the transaction; the previous rules stay in place",
+                argv=tuple(argv),
+                returncode=res.returncode,
+                stderr=res.stderr,
+                context=failing_context(text, res.stderr),
+            )
+
+
+def failing_context(text: str, stderr: str, around: int = 3) -> str:
+    """The numbered input lines around the line iptables-restore names in its error."""
+    m = _FAILED_LINE.search(stderr)
+    if not m:
+        return ""
+    n = int(m.group(1) or m.group(2))
+    lines = text.splitlines()
+    lo, hi = max(1, n - around), min(len(lines), n + around)
+    return "\n".join(f"{'>' if i == n else ' '}{i:6d}  {lines[i - 1]}" for i in range(lo, hi + 1))
+
+
+def cleanup_text(saved: SavedState, owned: Callable[[str], bool]) -> str:
+    """Restore input removing our jumps from built-in chains, then every owned chain."""
+    out: list[str] = []
+    for table, chains in saved.chains.items():
+        mine = sorted(c for c in chains if owned(c))
+        jumps = [r for r in saved.jump_rules.get(table, []) if owned(r.rsplit("-j ", 1)[1].split(" ", 1)[0])]
+        if not mine and not jumps:
+            continue
+        out.append(f"*{table}")
+        out.extend(f":{c} - [0:0]" for c in mine)
+        out.extend("-D " + r[len("-A ") :] for r in jumps)
+        out.extend(f"-X {c}" for c in mine)
+        out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""

@@ -1,0 +1,41 @@
+"""One list of the API server, for `kproxy sync` without --state."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kproxy.errors import InputError
+
+
+def list_once(node_name: str, kubeconfig: str | None = None) -> list[dict[str, Any]]:
+    from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.config.config_exception import ConfigException
+
+    try:
+        if kubeconfig:
+            config.load_kube_config(config_file=kubeconfig)
+        else:
+            try:
+                config.load_incluster_config()
+            except ConfigException:
+                config.load_kube_config()
+    except (ConfigException, OSError) as e:
+        raise InputError(f"no usable kubeconfig: {e}") from e
+
+    def items(resp: Any, kind: str) -> list[dict[str, Any]]:
+        return [{**item, "kind": kind} for item in json.loads(resp.data).get("items") or []]
+
+    core, discovery = client.CoreV1Api(), client.DiscoveryV1Api()
+    try:
+        objects = items(core.list_service_for_all_namespaces(_preload_content=False), "Service")
+        objects += items(discovery.list_endpoint_slice_for_all_namespaces(_preload_content=False), "EndpointSlice")
+        objects += items(
+            core.list_node(field_selector=f"metadata.name={node_name}", _preload_content=False), "Node"
+        )
+    except (ApiException, OSError) as e:
+        raise InputError(f"cannot list from the API server: {e}") from e
+    except Exception as e:  # urllib3 connection errors have no common public base
+        raise InputError(f"cannot reach the API server: {e}") from e
+    return objects

@@ -1,0 +1,731 @@
+"""Reflectors: keep a local view of one API resource in step with the API server.
+
+A `Reflector` lists a resource, hands the whole list to its sink (`ReflectorSink.replace`), then
+watches from the list's resourceVersion and hands on every change (`add`, `update`, `delete`).
+Guarantees:
+
+- **Order and exactness.** Changes reach the sink in the order the API server sent them, on the
+  reflector's own thread, one call at a time. The resourceVersion is tracked from every event,
+  bookmarks included, and a watch that ends or is cut resumes from it, so nothing is delivered
+  twice or lost while the API server still has the history.
+- **Relist on 410 Gone.** When the history is gone (an ``ERROR`` event with code 410, or HTTP 410
+  on the watch request) the reflector lists again and `replace` carries the full new state; the
+  sink works out what was added, changed or deleted meanwhile (`Store` does exactly that).
+  The official client's ``watch.Watch`` gives up after one expired resourceVersion, which is why
+  the stream is read here, line by line, over the raw response.
+- **Bounded retries.** A failed list, a refused connection, an API error or a cut stream is
+  retried after a jittered exponential backoff (0.5 s doubling to 30 s by default). The backoff is
+  reset only when a watch moved the resourceVersion forward, so no failure mode can spin.
+- **Synced.** `has_synced`/`wait_synced` turn true after the first list has been handed to the
+  sink, and stay true across relists.
+- **Prompt stop.** `stop` ends the thread within about a second whatever it is blocked on: every
+  socket the reflector's client opens is tracked and shut down. Independently, each watch asks the
+  server for a bounded ``timeoutSeconds`` and reads with a socket timeout a little longer than it.
+- **Loud bugs.** An exception raised by the sink is not retried: the reflector logs
+  ``reflector_crashed``, keeps the exception in `error` and ends.
+
+`Store` is the usual sink: a thread-safe cache keyed ``namespace/name`` that turns the reflector's
+stream into handler calls with the previous object (`Handler.on_update(old, new)`), including the
+differences a relist reveals. `named_handler` binds those calls to methods named
+``on_<kind>_add/update/delete/synced`` (kproxy's handler convention), and `informer` wires the
+three together.
+
+Objects are plain dicts shaped as ``kubectl get -o json`` prints them (what `kproxy.convert`
+takes); nothing here deserialises into the client's model classes. The `kubernetes` client is
+confined to this module (and `convert`), as the layer contract says.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+import urllib3
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from kproxy.errors import ConfigError, WatchError
+
+Obj = dict[str, Any]
+
+__all__ = [
+    "ENDPOINT_SLICES",
+    "INGRESSES",
+    "INGRESS_CLASSES",
+    "NODES",
+    "PODS",
+    "SECRETS",
+    "SERVICES",
+    "Backoff",
+    "Handler",
+    "Reflector",
+    "ReflectorSink",
+    "Resource",
+    "Store",
+    "informer",
+    "load_client_configuration",
+    "name_selector",
+    "named_handler",
+    "node_pods_selector",
+    "object_key",
+]
+
+log = structlog.get_logger(__name__)
+
+
+# -- resources ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One kind a reflector can follow: the typed client function that lists and watches it."""
+
+    name: str  # plural, as in the API path; used in logs
+    api: str  # class in kubernetes.client, e.g. CoreV1Api
+    list_method: str  # its cluster-wide list function
+    handler_prefix: str  # on_<prefix>_add ... for named_handler
+
+
+SERVICES = Resource("services", "CoreV1Api", "list_service_for_all_namespaces", "service")
+ENDPOINT_SLICES = Resource(
+    "endpointslices", "DiscoveryV1Api", "list_endpoint_slice_for_all_namespaces", "endpoint_slice"
+)
+NODES = Resource("nodes", "CoreV1Api", "list_node", "node")
+PODS = Resource("pods", "CoreV1Api", "list_pod_for_all_namespaces", "pod")
+SECRETS = Resource("secrets", "CoreV1Api", "list_secret_for_all_namespaces", "secret")
+INGRESSES = Resource("ingresses", "NetworkingV1Api", "list_ingress_for_all_namespaces", "ingress")
+INGRESS_CLASSES = Resource("ingressclasses", "NetworkingV1Api", "list_ingress_class", "ingress_class")
+
+
+def name_selector(name: str) -> str:
+    """Field selector for one object by name (kube-proxy watches only its own Node this way)."""
+    return f"metadata.name={name}"
+
+
+def node_pods_selector(node: str) -> str:
+    """Field selector for the pods scheduled on one node (hostPort programming needs only those)."""
+    return f"spec.nodeName={node}"
+
+
+def object_key(obj: Obj) -> str:
+    """``namespace/name``, or ``name`` for cluster-scoped objects (client-go's key function)."""
+    meta = obj.get("metadata") or {}
+    name = str(meta.get("name", ""))
+    namespace = meta.get("namespace")
+    return f"{namespace}/{name}" if namespace else name
+
+
+def _resource_version(obj: Obj) -> str | None:
+    rv = (obj.get("metadata") or {}).get("resourceVersion")
+    return str(rv) if rv else None
+
+
+def load_client_configuration(
+    kubeconfig: str | None = None, *, context: str | None = None
+) -> k8s.Configuration:
+    """Client configuration from a kubeconfig file, or in-cluster when `kubeconfig` is None.
+
+    Without a kubeconfig and outside a cluster, falls back to ``$KUBECONFIG`` or
+    ``~/.kube/config`` as kubectl does. The result is shared by all reflectors; each one builds
+    its own `ApiClient` (and connection pool) from it.
+    """
+    configuration = k8s.Configuration()
+    try:
+        if kubeconfig is not None:
+            k8s_config.load_kube_config(
+                config_file=kubeconfig, context=context, client_configuration=configuration
+            )
+        else:
+            try:
+                k8s_config.load_incluster_config(client_configuration=configuration)
+            except ConfigException:
+                k8s_config.load_kube_config(context=context, client_configuration=configuration)
+    except (ConfigException, OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the API server configuration: {exc}") from exc
+    return configuration
+
+
+# -- backoff -----------------------------------------------------------------------------------
+
+
+class Backoff:
+    """Jittered exponential backoff: initial, ×factor per failure, capped; `reset` on progress.
+
+    The n-th delay is ``min(cap, initial * factor**n) * (1 + jitter * rand())``, client-go's
+    shape: the jitter spreads the reconnects of many nodes after an API server restart.
+    """
+
+    def __init__(
+        self,
+        initial: float = 0.5,
+        cap: float = 30.0,
+        *,
+        factor: float = 2.0,
+        jitter: float = 0.5,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        if initial <= 0 or cap < initial or factor < 1:
+            raise ValueError("backoff needs 0 < initial <= cap and factor >= 1")
+        self.initial = initial
+        self.cap = cap
+        self.factor = factor
+        self.jitter = jitter
+        self._rand = rand
+        self._failures = 0
+
+    @property
+    def failures(self) -> int:
+        """Failures since the last reset."""
+        return self._failures
+
+    def next_delay(self) -> float:
+        base = min(self.cap, self.initial * self.factor**self._failures)
+        self._failures += 1
+        return base * (1 + self.jitter * self._rand())
+
+    def reset(self) -> None:
+        self._failures = 0
+
+
+# -- sinks and handlers ------------------------------------------------------------------------
+
+
+class ReflectorSink(Protocol):
+    """What a reflector feeds. Called on the reflector's thread only, one call at a time."""
+
+    def replace(self, items: list[Obj], resource_version: str) -> None:
+        """The complete current state (after every list, the first one and each relist)."""
+
+    def add(self, obj: Obj) -> None: ...
+
+    def update(self, obj: Obj) -> None: ...
+
+    def delete(self, obj: Obj) -> None:
+        """`obj` is the object's last state as the API server reports it."""
+
+
+class Handler(Protocol):
+    """Change notifications with the previous state, as kproxy's trackers want them."""
+
+    def on_add(self, obj: Obj) -> None: ...
+
+    def on_update(self, old: Obj, new: Obj) -> None: ...
+
+    def on_delete(self, obj: Obj) -> None: ...
+
+    def on_synced(self) -> None:
+        """Once: every object of the first list has been passed to `on_add`."""
+
+
+class _NamedHandler:
+    """Adapts ``target.on_<prefix>_add/update/delete/synced`` to `Handler`."""
+
+    def __init__(self, target: object, prefix: str) -> None:
+        self.on_add: Callable[[Obj], None] = getattr(target, f"on_{prefix}_add")
+        self.on_update: Callable[[Obj, Obj], None] = getattr(target, f"on_{prefix}_update")
+        self.on_delete: Callable[[Obj], None] = getattr(target, f"on_{prefix}_delete")
+        self.on_synced: Callable[[], None] = getattr(target, f"on_{prefix}_synced")
+
+
+def named_handler(target: object, prefix: str) -> Handler:
+    """A `Handler` calling ``target.on_<prefix>_add(obj)``, ``..._update(old, new)``,
+    ``..._delete(obj)`` and ``..._synced()``; missing methods fail here, not at the first event."""
+    return _NamedHandler(target, prefix)
+
+
+class Store:
+    """A `ReflectorSink` that caches objects by key and reports changes with their old state.
+
+    `replace` compares the new list with the cache: objects gone are reported deleted (with their
+    last cached state), new ones added, and ones whose resourceVersion changed updated; objects
+    that did not change are not reported. Deletes are reported first, then adds and updates, each
+    in key order. `on_synced` follows the first `replace`. Reads (`get`, `list`) are safe from any
+    thread; handler calls come after the cache is updated, so a handler reading it sees the change.
+    """
+
+    def __init__(self, handler: Handler | None = None) -> None:
+        self._handler = handler
+        self._lock = threading.Lock()
+        self._items: dict[str, Obj] = {}
+        self._resource_version: str | None = None
+        self._synced = False
+
+    @property
+    def resource_version(self) -> str | None:
+        """The resourceVersion of the last list (objects carry their own)."""
+        with self._lock:
+            return self._resource_version
+
+    def get(self, key: str) -> Obj | None:
+        with self._lock:
+            return self._items.get(key)
+
+    def list(self) -> list[Obj]:
+        with self._lock:
+            return [self._items[k] for k in sorted(self._items)]
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return sorted(self._items)
+
+    def replace(self, items: list[Obj], resource_version: str) -> None:
+        new = {object_key(obj): obj for obj in items}
+        with self._lock:
+            old = self._items
+            self._items = new
+            self._resource_version = resource_version
+            first = not self._synced
+            self._synced = True
+        handler = self._handler
+        if handler is None:
+            return
+        for key in sorted(old.keys() - new.keys()):
+            handler.on_delete(old[key])
+        for key in sorted(new):
+            before = old.get(key)
+            if before is None:
+                handler.on_add(new[key])
+            elif _resource_version(before) != _resource_version(new[key]) or (
+                _resource_version(before) is None and before != new[key]
+            ):
+                handler.on_update(before, new[key])
+        if first:
+            handler.on_synced()
+
+    def add(self, obj: Obj) -> None:
+        # ADDED for a key we hold happens when an object re-enters a selector; it is an update.
+        self.update(obj)
+
+    def update(self, obj: Obj) -> None:
+        key = object_key(obj)
+        with self._lock:
+            before = self._items.get(key)
+            self._items[key] = obj
+        if self._handler is None:
+            return
+        if before is None:
+            self._handler.on_add(obj)
+        else:
+            self._handler.on_update(before, obj)
+
+    def delete(self, obj: Obj) -> None:
+        key = object_key(obj)
+        with self._lock:
+            before = self._items.pop(key, None)
+        if before is None:
+            # Never seen (or already removed by a relist): the handler has nothing to forget.
+            log.debug("watch_delete_unknown", key=key)
+            return
+        if self._handler is not None:
+            self._handler.on_delete(obj)
+
+
+# -- the reflector -----------------------------------------------------------------------------
+
+
+class _Gone(Exception):
+    """The watch's resourceVersion is too old (410): list again."""
+
+
+class _SinkFailed(Exception):
+    """The sink raised: a bug in the consumer, never retried."""
+
+
+class _SocketRegistry:
+    """Every socket one ApiClient connects, so `stop` can unblock any read on them.
+
+    urllib3 offers no way to interrupt a request blocked waiting for headers or a streamed body;
+    shutting the socket down does (for TLS sockets too), from any thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self._closed = False
+
+    def add(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._sockets.add(sock)
+        if closed:
+            _shutdown(sock)
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise ConnectionAbortedError("reflector stopped")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+
+
+def _track_sockets(api_client: k8s.ApiClient, registry: _SocketRegistry) -> bool:
+    """Make `api_client`'s pools register every connected socket with `registry`.
+
+    Swaps the pool manager's pool classes for subclasses whose connection class registers its
+    socket after ``connect()`` (after TLS wrapping, which detaches the raw socket). Relies on
+    urllib3 2.x internals (``pool_classes_by_scheme``, ``ConnectionCls``); if they are missing
+    nothing is changed and `stop` falls back to the socket timeouts.
+    """
+    pool_manager = getattr(api_client.rest_client, "pool_manager", None)
+    pool_classes = getattr(pool_manager, "pool_classes_by_scheme", None)
+    if pool_manager is None or not isinstance(pool_classes, dict):
+        return False
+
+    def tracked_pool(pool_cls: type[Any]) -> type[Any]:
+        base_conn: type[Any] = pool_cls.ConnectionCls
+
+        def connect(self: Any) -> None:
+            registry.check_open()
+            base_conn.connect(self)
+            registry.add(self.sock)
+
+        conn_cls = type(base_conn.__name__, (base_conn,), {"connect": connect})
+        return type(pool_cls.__name__, (pool_cls,), {"ConnectionCls": conn_cls})
+
+    pool_manager.pool_classes_by_scheme = {scheme: tracked_pool(cls) for scheme, cls in pool_classes.items()}
+    pool_manager.clear()  # no pool may predate the swap
+    return True
+
+
+# Errors that mean "the API server or the network failed": retried with backoff.
+_RETRYABLE = (ApiException, urllib3.exceptions.HTTPError, OSError, WatchError, ValueError)
+
+
+class Reflector:
+    """List and watch one resource into a `ReflectorSink`; see the module docstring.
+
+    `configuration` is a ``kubernetes.client.Configuration`` (`load_client_configuration`); the
+    reflector builds and closes its own ``ApiClient``. `backoff`, `clock` and `rand` are
+    injectable for tests. `watch_timeout` is the base of the server-side ``timeoutSeconds``
+    (randomised up to twice that, as client-go does, so a fleet does not reconnect in step).
+    """
+
+    def __init__(
+        self,
+        resource: Resource,
+        configuration: k8s.Configuration,
+        sink: ReflectorSink,
+        *,
+        field_selector: str | None = None,
+        label_selector: str | None = None,
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+        watch_timeout: float = 300.0,
+        read_grace: float = 15.0,
+        list_timeout: float = 60.0,
+        connect_timeout: float = 10.0,
+        min_watch_duration: float = 1.0,
+    ) -> None:
+        self.resource = resource
+        self.sink = sink
+        self._configuration = configuration
+        self._field_selector = field_selector
+        self._label_selector = label_selector
+        self._backoff = backoff if backoff is not None else Backoff(rand=rand)
+        self._clock = clock
+        self._rand = rand
+        self._watch_timeout = watch_timeout
+        self._read_grace = read_grace
+        self._list_timeout = list_timeout
+        self._connect_timeout = connect_timeout
+        self._min_watch_duration = min_watch_duration
+        self._stop = threading.Event()
+        self._synced = threading.Event()
+        self._rv: str | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._sockets = _SocketRegistry()
+        self._api_client: k8s.ApiClient | None = None
+        self._log = log.bind(resource=resource.name)
+
+    # -- public surface ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the reflector's thread (once)."""
+        if self._thread is not None:
+            raise RuntimeError("reflector already started")
+        self._api_client = k8s.ApiClient(self._configuration)
+        _track_sockets(self._api_client, self._sockets)
+        self._thread = threading.Thread(target=self._run, name=f"reflector-{self.resource.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread and close the client; returns once the thread has ended (or `timeout`)."""
+        self._stop.set()
+        self._sockets.close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._api_client is not None and (self._thread is None or not self._thread.is_alive()):
+            self._api_client.close()
+
+    def __enter__(self) -> Reflector:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def has_synced(self) -> bool:
+        return self._synced.is_set()
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        return self._synced.wait(timeout)
+
+    @property
+    def resource_version(self) -> str | None:
+        """The last resourceVersion seen (list, event or bookmark)."""
+        return self._rv
+
+    @property
+    def error(self) -> BaseException | None:
+        """The sink's exception that ended the reflector, if one did."""
+        return self._error
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except _SinkFailed as exc:
+            self._error = exc.__cause__
+            self._log.error("reflector_crashed", exc_info=exc.__cause__)
+        except Exception as exc:  # a bug of ours: end loudly too, never spin on it
+            self._error = exc
+            self._log.error("reflector_crashed", exc_info=exc)
+
+    def _loop(self) -> None:
+        need_list = True
+        while not self._stop.is_set():
+            listed = need_list
+            if need_list:
+                try:
+                    self._list()
+                except _RETRYABLE as exc:
+                    self._retry_later("list_failed", exc)
+                    continue
+                need_list = False
+            rv_before, started = self._rv, self._clock()
+            try:
+                self._watch()
+            except _Gone:
+                need_list = True
+                self._log.info("watch_relist", resource_version=self._rv)
+                if listed and self._rv == rv_before:
+                    # Too old straight after a fresh list: relisting at once could spin.
+                    self._wait(self._backoff.next_delay())
+                continue
+            except _RETRYABLE as exc:
+                if self._rv != rv_before and not self._stop.is_set():
+                    self._backoff.reset()  # the stream was working: resume at once
+                    self._log.info(
+                        "watch_dropped", resource_version=self._rv, error=_describe(exc), delay=0.0
+                    )
+                else:
+                    self._retry_later("watch_dropped", exc)
+                continue
+            # The stream ended cleanly (timeoutSeconds elapsed): watch again from where it ended,
+            # unless it ended suspiciously fast without progress, which would otherwise spin.
+            if self._rv != rv_before:
+                self._backoff.reset()
+            elif self._clock() - started < self._min_watch_duration:
+                self._retry_later("watch_dropped", WatchError("watch ended at once without events"))
+
+    def _retry_later(self, event: str, exc: BaseException) -> None:
+        if self._stop.is_set():
+            return  # the error is our own stop() cutting the connection
+        delay = self._backoff.next_delay()
+        status = exc.status if isinstance(exc, ApiException) else None
+        self._log.warning(
+            event, resource_version=self._rv, error=_describe(exc), status=status, delay=round(delay, 3)
+        )
+        self._wait(delay)
+
+    def _wait(self, delay: float) -> None:
+        self._stop.wait(delay)  # interruptible by stop()
+
+    def _list_function(self) -> Callable[..., Any]:
+        api = getattr(k8s, self.resource.api)(self._api_client)
+        fn: Callable[..., Any] = getattr(api, self.resource.list_method)
+        return fn
+
+    def _selectors(self) -> dict[str, str]:
+        found = {}
+        if self._field_selector:
+            found["field_selector"] = self._field_selector
+        if self._label_selector:
+            found["label_selector"] = self._label_selector
+        return found
+
+    def _list(self) -> None:
+        # No resourceVersion: a consistent read of the latest state (after a 410 that matters;
+        # RV "0" could be served from a stale cache).
+        resp = self._list_function()(
+            **self._selectors(),
+            _preload_content=False,
+            _request_timeout=(self._connect_timeout, self._list_timeout),
+        )
+        try:
+            body = json.loads(resp.data)
+        finally:
+            resp.release_conn()
+        if not isinstance(body, dict) or not isinstance(body.get("items"), list):
+            raise WatchError(f"list of {self.resource.name} is not a list object")
+        rv = _resource_version(body)
+        if rv is None:
+            raise WatchError(f"list of {self.resource.name} has no resourceVersion")
+        items = _with_type_meta(body)
+        self._deliver(self.sink.replace, items, rv)
+        self._rv = rv
+        self._log.debug("watch_listed", resource_version=rv, items=len(body["items"]))
+        if not self._synced.is_set():
+            self._synced.set()
+            self._log.info("watch_synced", resource_version=rv, items=len(body["items"]))
+
+    def _watch(self) -> None:
+        timeout_seconds = max(1, int(self._watch_timeout * (1 + self._rand())))
+        try:
+            resp = self._list_function()(
+                **self._selectors(),
+                watch=True,
+                resource_version=self._rv,
+                allow_watch_bookmarks=True,
+                timeout_seconds=timeout_seconds,
+                _preload_content=False,
+                # The server ends the stream after timeout_seconds; a longer read timeout catches
+                # a peer that vanished without closing.
+                _request_timeout=(self._connect_timeout, timeout_seconds + self._read_grace),
+            )
+        except ApiException as exc:
+            if exc.status == 410:  # some servers refuse the request itself rather than stream ERROR
+                raise _Gone(exc.reason) from exc
+            raise
+        try:
+            for line in _lines(resp):
+                if self._stop.is_set():
+                    return
+                self._handle_event(line)
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    def _handle_event(self, line: bytes) -> None:
+        event = json.loads(line)
+        kind = event.get("type") if isinstance(event, dict) else None
+        obj = event.get("object") if isinstance(event, dict) else None
+        if not isinstance(obj, dict):
+            raise WatchError(f"malformed watch event: {line[:200]!r}")
+        if kind == "ERROR":
+            code, reason, message = obj.get("code"), obj.get("reason"), obj.get("message")
+            if code == 410:
+                raise _Gone(message)
+            raise WatchError(f"watch error {code} {reason}: {message}")
+        rv = _resource_version(obj)
+        if kind == "ADDED":
+            self._deliver(self.sink.add, obj)
+        elif kind == "MODIFIED":
+            self._deliver(self.sink.update, obj)
+        elif kind == "DELETED":
+            self._deliver(self.sink.delete, obj)
+        elif kind != "BOOKMARK":
+            self._log.warning("watch_event_unknown", event_type=kind)
+            return
+        if rv is not None:
+            self._rv = rv
+
+    @staticmethod
+    def _deliver(fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:
+            raise _SinkFailed from exc
+
+
+def _with_type_meta(body: Obj) -> list[Obj]:
+    """The list's items with ``kind`` and ``apiVersion`` set.
+
+    The API server leaves them out of list items (watch events carry them), while the converter
+    takes objects as kubectl prints them, with both; they come from the list's own type.
+    """
+    list_kind = str(body.get("kind", ""))
+    kind = list_kind.removesuffix("List") if list_kind.endswith("List") else None
+    api_version = body.get("apiVersion")
+    items: list[Obj] = []
+    for item in body["items"]:
+        if not isinstance(item, dict):
+            raise WatchError(f"list item is not an object: {str(item)[:200]}")
+        if kind and "kind" not in item:
+            item["kind"] = kind
+        if api_version and "apiVersion" not in item:
+            item["apiVersion"] = api_version
+        items.append(item)
+    return items
+
+
+def _lines(resp: Any) -> Iterator[bytes]:
+    """Complete lines of a streamed response, as they arrive.
+
+    Chunked responses (what the API server sends) are read chunk by chunk, so an event is handed
+    on as soon as its chunk is in; ``stream()`` on a non-chunked body would wait for its buffer to
+    fill. A stream cut mid-chunk raises urllib3's ProtocolError, never a silent end.
+    """
+    chunks: Iterator[bytes]
+    if getattr(resp, "chunked", False):
+        chunks = resp.read_chunked(decode_content=True)
+    else:
+        chunks = iter(lambda: bytes(resp.read1()), b"")
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n")
+        for line in complete:
+            if line.strip():
+                yield line
+    if buffer.strip():
+        yield buffer
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ApiException):
+        return f"{exc.status} {exc.reason}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def informer(
+    resource: Resource, configuration: k8s.Configuration, target: object, **options: Any
+) -> tuple[Reflector, Store]:
+    """A reflector feeding a `Store` that calls ``target.on_<kind>_add/update/delete/synced``.
+
+    `options` go to `Reflector` (selectors, backoff, timeouts). Start the reflector; the store
+    answers reads.
+    """
+    store = Store(named_handler(target, resource.handler_prefix))
+    return Reflector(resource, configuration, store, **options), store
