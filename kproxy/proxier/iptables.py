@@ -14,9 +14,12 @@ Two things differ on purpose, both to write less at scale (DESIGN.md section 6):
 
 from __future__ import annotations
 
+import gc
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from kproxy.model import Endpoint, ServicePort, ServicePortName
 from kproxy.proxier import names
@@ -94,6 +97,19 @@ def jump_rule(builtin: str, match: str, target: str, comment: str) -> str:
     return f'{builtin} -m comment --comment "{comment}" {m}-j {target}'
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Rendering allocates hundreds of thousands of strings and tuples and no cycles; the cyclic
+    collector would otherwise scan the growing heap over and over (3x the render time at 10k)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def render(
     ports: Mapping[ServicePortName, ServicePort],
     endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
@@ -105,6 +121,16 @@ def render(
     With `previous`, a Service port whose inputs are the same objects (or equal) as last time
     reuses its rendered rules: that is what makes a partial sync cost what changed.
     """
+    with gc_paused():
+        return _render(ports, endpoints, ctx, previous)
+
+
+def _render(
+    ports: Mapping[ServicePortName, ServicePort],
+    endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
+    ctx: NodeContext,
+    previous: Ruleset | None,
+) -> Ruleset:
     large = sum(len(endpoints.get(n, ())) for n in ports) > LARGE_CLUSTER_ENDPOINTS
     prev_inputs = previous.inputs if previous is not None else {}
     prev_rules = previous.services if previous is not None else {}
@@ -331,6 +357,7 @@ def _balance(svc: ServicePort, spn_s: str, chain: str, eps: tuple[Endpoint, ...]
     return rules
 
 
+@lru_cache(maxsize=4096)
 def probability(n: int) -> str:
     return f"{1.0 / n:0.10f}"
 
@@ -467,7 +494,8 @@ def plan(
         ]
         for table in desired.tables
     }
-    text = restore_text(desired.tables, write, delete, missing_jumps)
+    with gc_paused():
+        text = restore_text(desired.tables, write, delete, missing_jumps)
     return RestorePlan(
         text=text,
         written={t: len(c) for t, c in write.items()},
