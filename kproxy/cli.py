@@ -166,6 +166,67 @@ def _detect(detect: Callable[[], str], dry_run: bool) -> str:
         raise
 
 
+def _parse_dst(text: str) -> tuple[str, int, str]:
+    """`IP:PORT[/proto]`, with IPv6 as `[IP]:PORT`."""
+    addr, _, proto = text.partition("/")
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"--dst: {text!r} is not IP:PORT[/tcp|udp|sctp]")
+    proto = (proto or "tcp").lower()
+    if proto not in ("tcp", "udp", "sctp"):
+        raise ConfigError(f"--dst: unknown protocol {proto!r}")
+    return host.strip("[]"), int(port), proto
+
+
+@main.command()
+@state_options
+@click.option("--src", required=True, help="Source address of the packet.")
+@click.option("--dst", required=True, help="IP:PORT[/tcp|udp|sctp] (IPv6 as [IP]:PORT).")
+@click.option("--iface", default="eth0", show_default=True, help="Interface the packet arrives on.")
+@_exits
+def trace(src: str, dst: str, iface: str, **kw: Any) -> None:
+    """Explain where a packet goes through the rules kproxy would render for this node."""
+    from kproxy.convert import parse_ip
+    from kproxy.model import family_of
+    from kproxy.proxier import iptables as ipt
+    from kproxy.proxier.base import family_view, node_context
+    from kproxy.testing.tracer import DNAT, Tracer
+
+    cfg = _config(kw)
+    _require_mode(cfg.mode)
+    dst_ip, port, proto = _parse_dst(dst)
+    try:
+        src, dst_ip = parse_ip(src, "--src", "value"), parse_ip(dst_ip, "--dst", "value")
+    except InvalidObject as e:
+        raise ConfigError(str(e)) from None
+    family = family_of(dst_ip)
+    if family_of(src) != family:
+        raise ConfigError("--src and --dst must be of one IP family")
+    state = _load(kw, cfg)
+    node = state.nodes.get(cfg.node_name)
+    if node is not None and node.addresses_of(family):
+        host = node.addresses_of(family) + (("127.0.0.1",) if family is IPFamily.V4 else ("::1",))
+    else:
+        from kproxy.backends.host import local_addresses
+
+        host = local_addresses(family)
+    ctx = node_context(cfg, family, node, host)
+    view = family_view(state, family)
+    ruleset = ipt.render(view.ports, view.endpoints, ctx)
+    result = Tracer(ruleset, ctx.local_ips).trace(src, dst_ip, port, proto, iface)
+    seen: set[tuple[str, str, bool]] = set()
+    for outcome in result.outcomes:
+        key = (outcome.verdict, outcome.endpoint, outcome.masquerade)
+        if key in seen:
+            continue
+        seen.add(key)
+        what = f"DNAT to {outcome.endpoint}" if outcome.verdict == DNAT else outcome.verdict.upper()
+        masq = ", masqueraded" if outcome.masquerade else ""
+        click.echo(f"=> {what}{masq}")
+        for step in outcome.trail:
+            click.echo(f"     {step}")
+
+
 @main.command()
 @click.option("--mode", type=click.Choice(MODES + ("all",)), default="all", show_default=True)
 @click.option("--upstream", is_flag=True, help="Also remove kube-proxy's leftovers (KUBE- chains).")
