@@ -130,6 +130,11 @@ def _resource_version(obj: Obj) -> str | None:
     return str(rv) if rv else None
 
 
+# The client's loaders are untyped; these names give them a type once.
+_load_kube_config: Callable[..., None] = k8s_config.load_kube_config
+_load_incluster_config: Callable[..., None] = k8s_config.load_incluster_config
+
+
 def load_client_configuration(
     kubeconfig: str | None = None, *, context: str | None = None
 ) -> k8s.Configuration:
@@ -142,14 +147,12 @@ def load_client_configuration(
     configuration = k8s.Configuration()
     try:
         if kubeconfig is not None:
-            k8s_config.load_kube_config(
-                config_file=kubeconfig, context=context, client_configuration=configuration
-            )
+            _load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
         else:
             try:
-                k8s_config.load_incluster_config(client_configuration=configuration)
+                _load_incluster_config(client_configuration=configuration)
             except ConfigException:
-                k8s_config.load_kube_config(context=context, client_configuration=configuration)
+                _load_kube_config(context=context, client_configuration=configuration)
     except (ConfigException, OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the API server configuration: {exc}") from exc
     return configuration
@@ -249,8 +252,9 @@ class Store:
     `replace` compares the new list with the cache: objects gone are reported deleted (with their
     last cached state), new ones added, and ones whose resourceVersion changed updated; objects
     that did not change are not reported. Deletes are reported first, then adds and updates, each
-    in key order. `on_synced` follows the first `replace`. Reads (`get`, `list`) are safe from any
-    thread; handler calls come after the cache is updated, so a handler reading it sees the change.
+    in key order. `on_synced` follows the first `replace`. Reads (`get`, `objects`, `keys`) are
+    safe from any thread; handler calls come after the cache is updated, so a handler reading it
+    sees the change.
     """
 
     def __init__(self, handler: Handler | None = None) -> None:
@@ -270,7 +274,8 @@ class Store:
         with self._lock:
             return self._items.get(key)
 
-    def list(self) -> list[Obj]:
+    def objects(self) -> list[Obj]:
+        """Every cached object, in key order."""
         with self._lock:
             return [self._items[k] for k in sorted(self._items)]
 
@@ -341,6 +346,10 @@ class _SinkFailed(Exception):
     """The sink raised: a bug in the consumer, never retried."""
 
 
+class _Stopped(Exception):
+    """A connection attempt after `stop`. Deliberately not an OSError: urllib3 retries those."""
+
+
 class _SocketRegistry:
     """Every socket one ApiClient connects, so `stop` can unblock any read on them.
 
@@ -365,7 +374,7 @@ class _SocketRegistry:
 
     def check_open(self) -> None:
         if self._closed:
-            raise ConnectionAbortedError("reflector stopped")
+            raise _Stopped
 
     def close(self) -> None:
         with self._lock:
@@ -411,8 +420,16 @@ def _track_sockets(api_client: k8s.ApiClient, registry: _SocketRegistry) -> bool
     return True
 
 
-# Errors that mean "the API server or the network failed": retried with backoff.
-_RETRYABLE = (ApiException, urllib3.exceptions.HTTPError, OSError, WatchError, ValueError)
+# Errors that mean "the API server or the network failed": retried with backoff. Anything else
+# (a TypeError, pydantic refusing our own arguments) is a bug and ends the reflector loudly.
+_RETRYABLE = (
+    ApiException,
+    urllib3.exceptions.HTTPError,
+    OSError,
+    WatchError,
+    json.JSONDecodeError,
+    UnicodeDecodeError,
+)
 
 
 class Reflector:
@@ -457,11 +474,12 @@ class Reflector:
         self._stop = threading.Event()
         self._synced = threading.Event()
         self._rv: str | None = None
+        self._rv_changed = threading.Condition()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._sockets = _SocketRegistry()
         self._api_client: k8s.ApiClient | None = None
-        self._log = log.bind(resource=resource.name)
+        self._list_fn: Callable[..., Any] | None = None
 
     # -- public surface ------------------------------------------------------------------------
 
@@ -481,7 +499,7 @@ class Reflector:
         if self._thread is not None:
             self._thread.join(timeout)
         if self._api_client is not None and (self._thread is None or not self._thread.is_alive()):
-            self._api_client.close()
+            self._api_client.close()  # type: ignore[no-untyped-call]
 
     def __enter__(self) -> Reflector:
         self.start()
@@ -501,6 +519,18 @@ class Reflector:
         """The last resourceVersion seen (list, event or bookmark)."""
         return self._rv
 
+    def wait_for_resource_version(self, resource_version: str, timeout: float | None = None) -> bool:
+        """Wait until the reflector has seen exactly `resource_version` (from a list, an event or a
+        bookmark). resourceVersions are opaque, so this compares for equality only."""
+        with self._rv_changed:
+            return self._rv_changed.wait_for(lambda: self._rv == resource_version, timeout)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end (after `stop`, or a crash); True when it has."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.alive
+
     @property
     def error(self) -> BaseException | None:
         """The sink's exception that ended the reflector, if one did."""
@@ -515,12 +545,14 @@ class Reflector:
     def _run(self) -> None:
         try:
             self._loop()
+        except _Stopped:
+            pass  # stop() closed the door on a request being (re)tried
         except _SinkFailed as exc:
             self._error = exc.__cause__
-            self._log.error("reflector_crashed", exc_info=exc.__cause__)
+            self._emit("error", "reflector_crashed", exc_info=exc.__cause__)
         except Exception as exc:  # a bug of ours: end loudly too, never spin on it
             self._error = exc
-            self._log.error("reflector_crashed", exc_info=exc)
+            self._emit("error", "reflector_crashed", exc_info=exc)
 
     def _loop(self) -> None:
         need_list = True
@@ -538,7 +570,7 @@ class Reflector:
                 self._watch()
             except _Gone:
                 need_list = True
-                self._log.info("watch_relist", resource_version=self._rv)
+                self._emit("info", "watch_relist", resource_version=self._rv)
                 if listed and self._rv == rv_before:
                     # Too old straight after a fresh list: relisting at once could spin.
                     self._wait(self._backoff.next_delay())
@@ -546,8 +578,8 @@ class Reflector:
             except _RETRYABLE as exc:
                 if self._rv != rv_before and not self._stop.is_set():
                     self._backoff.reset()  # the stream was working: resume at once
-                    self._log.info(
-                        "watch_dropped", resource_version=self._rv, error=_describe(exc), delay=0.0
+                    self._emit(
+                        "info", "watch_dropped", resource_version=self._rv, error=_describe(exc), delay=0.0
                     )
                 else:
                     self._retry_later("watch_dropped", exc)
@@ -564,18 +596,31 @@ class Reflector:
             return  # the error is our own stop() cutting the connection
         delay = self._backoff.next_delay()
         status = exc.status if isinstance(exc, ApiException) else None
-        self._log.warning(
-            event, resource_version=self._rv, error=_describe(exc), status=status, delay=round(delay, 3)
+        self._emit(
+            "warning",
+            event,
+            resource_version=self._rv,
+            error=_describe(exc),
+            status=status,
+            delay=round(delay, 3),
         )
         self._wait(delay)
+
+    def _emit(self, level: str, event: str, **fields: Any) -> None:
+        # Looked up per call, not bound once: structlog's configuration (and capture_logs in
+        # tests) applies to loggers bound after it changes.
+        getattr(log, level)(event, resource=self.resource.name, **fields)
 
     def _wait(self, delay: float) -> None:
         self._stop.wait(delay)  # interruptible by stop()
 
     def _list_function(self) -> Callable[..., Any]:
-        api = getattr(k8s, self.resource.api)(self._api_client)
-        fn: Callable[..., Any] = getattr(api, self.resource.list_method)
-        return fn
+        if self._list_fn is None:
+            # The client imports each API module on first use (CoreV1Api: about 0.5 s of
+            # pydantic model building), so this is resolved once, on the reflector's thread.
+            api = getattr(k8s, self.resource.api)(self._api_client)
+            self._list_fn = getattr(api, self.resource.list_method)
+        return self._list_fn
 
     def _selectors(self) -> dict[str, str]:
         found = {}
@@ -604,11 +649,11 @@ class Reflector:
             raise WatchError(f"list of {self.resource.name} has no resourceVersion")
         items = _with_type_meta(body)
         self._deliver(self.sink.replace, items, rv)
-        self._rv = rv
-        self._log.debug("watch_listed", resource_version=rv, items=len(body["items"]))
+        self._set_resource_version(rv)
+        self._emit("debug", "watch_listed", resource_version=rv, items=len(body["items"]))
         if not self._synced.is_set():
             self._synced.set()
-            self._log.info("watch_synced", resource_version=rv, items=len(body["items"]))
+            self._emit("info", "watch_synced", resource_version=rv, items=len(body["items"]))
 
     def _watch(self) -> None:
         timeout_seconds = max(1, int(self._watch_timeout * (1 + self._rand())))
@@ -656,10 +701,15 @@ class Reflector:
         elif kind == "DELETED":
             self._deliver(self.sink.delete, obj)
         elif kind != "BOOKMARK":
-            self._log.warning("watch_event_unknown", event_type=kind)
+            self._emit("warning", "watch_event_unknown", event_type=kind)
             return
         if rv is not None:
+            self._set_resource_version(rv)
+
+    def _set_resource_version(self, rv: str) -> None:
+        with self._rv_changed:
             self._rv = rv
+            self._rv_changed.notify_all()
 
     @staticmethod
     def _deliver(fn: Callable[..., None], *args: Any) -> None:

@@ -13,6 +13,8 @@ What it guarantees, because the reflector's tests depend on it:
   ``Status`` with code 410 and reason ``Expired`` ("too old resource version"). A watch that falls
   behind the history while open gets the same ERROR. ``resourceVersion`` unset or ``"0"`` starts
   with synthetic ``ADDED`` events for the current objects, as the real watch cache does.
+- List items carry no ``kind``/``apiVersion`` (the list does), as the real server's; objects in
+  watch events carry both.
 - Selectors behave as the watch cache's: an object that stops matching a watch's selector is sent
   as ``DELETED`` (previous content, new RV), one that starts matching as ``ADDED``.
 - Watch streams are chunked HTTP/1.1, one JSON event per line, so a client can tell a stream that
@@ -20,9 +22,13 @@ What it guarantees, because the reflector's tests depend on it:
   (`drop_connections`, `stop`: the socket is shut down mid-stream).
 - ``BOOKMARK`` events (only to watches that asked with ``allowWatchBookmarks=true``) carry the
   current RV and are sent only after every earlier event for that watch has been written.
+- A client that hangs up is noticed at once (a reader per stream), so `open_watches` is exact;
+  the connection of a watch is closed when the watch ends rather than reused.
 - `stop` ends every stream and joins every thread it started; `start` brings the server back on
   the same port with the same objects and history, like an API server restart in front of the
   same etcd.
+- Every request is recorded (`requests`), and tests wait on the server's state with
+  `wait_for(predicate, timeout)`, woken by every change, never by polling.
 
 Deliberately simple: no auth, no admission, no defaulting, no pagination (``limit`` is ignored,
 which the API allows), merge patches only. The resource table (`RESOURCES`) is data: another kind
@@ -52,6 +58,7 @@ Obj = dict[str, Any]
 
 __all__ = [
     "RESOURCES",
+    "ApiError",
     "FakeAPIServer",
     "Request",
     "ResourceType",
@@ -128,7 +135,8 @@ class _Watch:
     bookmarks: bool
     sock: socket.socket
     bookmark_gen: int
-    dropped: bool = False
+    dropped: bool = False  # cut by a control, or the client hung up: end without a last chunk
+    finished: bool = False  # the stream thread is done with it
 
 
 @dataclass(slots=True)
@@ -137,8 +145,9 @@ class _Failure:
     status: int
 
 
-class _ApiError(Exception):
-    """An error answered as a Kubernetes Status object."""
+class ApiError(Exception):
+    """An error answered as a Kubernetes Status object; also what `create`, `update` and
+    `delete` raise for a conflict or a missing object (`code` 409 or 404)."""
 
     def __init__(self, code: int, reason: str, message: str) -> None:
         super().__init__(message)
@@ -232,7 +241,7 @@ def _parse_terms(text: str, what: str) -> tuple[tuple[str, str, str], ...]:
         if not term:
             continue
         if " in " in term or " notin " in term or "(" in term:
-            raise _ApiError(400, "BadRequest", f"unsupported {what} selector term {term!r}")
+            raise ApiError(400, "BadRequest", f"unsupported {what} selector term {term!r}")
         if "!=" in term:
             key, value = term.split("!=", 1)
             terms.append((key.strip(), "!=", value.strip()))
@@ -247,7 +256,7 @@ def _parse_terms(text: str, what: str) -> tuple[tuple[str, str, str], ...]:
         elif what == "label":
             terms.append((term, "exists", ""))
         else:
-            raise _ApiError(400, "BadRequest", f"invalid field selector term {term!r}")
+            raise ApiError(400, "BadRequest", f"invalid field selector term {term!r}")
     return tuple(terms)
 
 
@@ -257,7 +266,7 @@ def _parse_terms(text: str, what: str) -> tuple[tuple[str, str, str], ...]:
 def _meta(obj: Obj) -> dict[str, Any]:
     meta = obj.setdefault("metadata", {})
     if not isinstance(meta, dict):
-        raise _ApiError(400, "BadRequest", "metadata must be an object")
+        raise ApiError(400, "BadRequest", "metadata must be an object")
     return meta
 
 
@@ -276,6 +285,11 @@ def _merge_patch(target: Any, patch: Any) -> Any:
         else:
             result[key] = _merge_patch(result.get(key), value)
     return result
+
+
+def _with_type_meta(rt: ResourceType, obj: Obj) -> Obj:
+    """`obj` with apiVersion and kind first, as kubectl prints objects."""
+    return {"apiVersion": obj.get("apiVersion", rt.api_version), "kind": obj.get("kind", rt.kind), **obj}
 
 
 def _without_type_meta(obj: Obj) -> Obj:
@@ -583,13 +597,12 @@ class FakeAPIServer:
             meta.pop("namespace", None)
         if not meta.get("name"):
             if not meta.get("generateName"):
-                raise _ApiError(400, "BadRequest", "metadata.name or metadata.generateName is required")
+                raise ApiError(400, "BadRequest", "metadata.name or metadata.generateName is required")
             meta["name"] = meta["generateName"] + secrets.token_hex(3)[:5]
         key = _key(rt, meta.get("namespace"), meta["name"])
         if key in self._store[rt]:
-            raise _ApiError(409, "AlreadyExists", f'{rt.plural} "{meta["name"]}" already exists')
-        obj.setdefault("kind", rt.kind)
-        obj.setdefault("apiVersion", rt.api_version)
+            raise ApiError(409, "AlreadyExists", f'{rt.plural} "{meta["name"]}" already exists')
+        obj = _with_type_meta(rt, obj)
         meta.setdefault("uid", str(uuid.uuid4()))
         meta.setdefault("creationTimestamp", _now())
         meta["resourceVersion"] = str(self._bump())
@@ -605,10 +618,10 @@ class FakeAPIServer:
         key = _key(rt, ns, meta.get("name", ""))
         old = self._store[rt].get(key)
         if old is None:
-            raise _ApiError(404, "NotFound", f'{rt.plural} "{meta.get("name", "")}" not found')
+            raise ApiError(404, "NotFound", f'{rt.plural} "{meta.get("name", "")}" not found')
         sent_rv = meta.get("resourceVersion")
         if check_rv and sent_rv and sent_rv != old["metadata"]["resourceVersion"]:
-            raise _ApiError(
+            raise ApiError(
                 409,
                 "Conflict",
                 f'Operation cannot be fulfilled on {rt.plural} "{meta["name"]}": the object has been '
@@ -622,9 +635,7 @@ class FakeAPIServer:
             else:
                 new.pop("status", None)
         else:
-            new = obj
-            new.setdefault("kind", rt.kind)
-            new.setdefault("apiVersion", rt.api_version)
+            new = _with_type_meta(rt, obj)
             new_meta = _meta(new)
             if rt.namespaced:
                 new_meta["namespace"] = ns
@@ -639,7 +650,7 @@ class FakeAPIServer:
         key = _key(rt, namespace, name)
         old = self._store[rt].pop(key, None)
         if old is None:
-            raise _ApiError(404, "NotFound", f'{rt.plural} "{name}" not found')
+            raise ApiError(404, "NotFound", f'{rt.plural} "{name}" not found')
         final = copy.deepcopy(old)
         final["metadata"]["resourceVersion"] = str(self._bump())
         self._record(rt, "DELETED", final, old)
@@ -723,11 +734,11 @@ class FakeAPIServer:
         try:
             start_rv = int(rv_text) if rv_text not in ("", "0") else None
         except ValueError as exc:
-            raise _ApiError(400, "BadRequest", f"invalid resourceVersion {rv_text!r}") from exc
+            raise ApiError(400, "BadRequest", f"invalid resourceVersion {rv_text!r}") from exc
         with self._cond:
             status = self._take_failure(rt, "watch")
             if status is not None:
-                raise _ApiError(status, _REASONS.get(status, "InternalError"), "injected watch failure")
+                raise ApiError(status, _REASONS.get(status, "InternalError"), "injected watch failure")
             initial: list[Obj] = []
             if start_rv is None:
                 # "Any" RV: the watch starts with the current state as ADDED events.
@@ -741,6 +752,10 @@ class FakeAPIServer:
             )
             self._watches.add(watch)
             self._cond.notify_all()
+        # The stream thread sleeps on the condition and would notice a client that hung up only
+        # at its next write; this reader notices at once, as the real server's does.
+        hangup = threading.Thread(target=self._await_hangup, args=(watch,), name="fakeapi-hangup")
+        hangup.start()
         try:
             handler.start_stream()
             if initial:
@@ -751,8 +766,28 @@ class FakeAPIServer:
         finally:
             with self._cond:
                 self._watches.discard(watch)
+                watch.finished = True
                 self._cond.notify_all()
+            # The connection is not reused after a watch: that ends the reader too.
             handler.close_connection = True
+            _shutdown(handler.connection)
+            hangup.join()
+
+    def _await_hangup(self, watch: _Watch) -> None:
+        while True:
+            try:
+                if not watch.sock.recv(4096):
+                    break  # EOF: the client closed (or the socket was shut down)
+            except TimeoutError:
+                with self._lock:
+                    if watch.finished:
+                        return
+                continue  # a quiet client is normal on a watch
+            except OSError:
+                break
+        with self._cond:
+            watch.dropped = True
+            self._cond.notify_all()
 
     def _stream(self, handler: _Handler, watch: _Watch, deadline: float | None) -> None:
         last_bookmark = time.monotonic()
@@ -799,6 +834,10 @@ class FakeAPIServer:
                 return
 
 
+def _at(parts: list[str], i: int) -> str | None:
+    return parts[i] if len(parts) > i else None
+
+
 def _shutdown(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_RDWR)
@@ -822,6 +861,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # As Go's server does: without it, Nagle holds the body back behind the headers until
+        # the client's delayed ACK (40 ms per request).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         fake = self.server.fake
         with fake._cond:
             fake._connections.add(self.connection)
@@ -837,7 +879,7 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:  # the stdlib's signature
         pass  # tests assert on recorded requests, not on access logs
 
     def send_json(self, code: int, body: Obj) -> None:
@@ -870,7 +912,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             return json.loads(raw)
         except ValueError as exc:
-            raise _ApiError(400, "BadRequest", f"body is not JSON: {exc}") from exc
+            raise ApiError(400, "BadRequest", f"body is not JSON: {exc}") from exc
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -903,7 +945,7 @@ class _Handler(BaseHTTPRequestHandler):
             fake._cond.notify_all()
         try:
             if route is None:
-                raise _ApiError(
+                raise ApiError(
                     404, "NotFound", f"the server could not find the requested resource ({split.path})"
                 )
             rt, namespace, name, sub = route
@@ -912,27 +954,25 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             code, answer = self.handle_verb(verb, rt, namespace, name, sub, query, body)
             self.send_json(code, answer)
-        except _ApiError as err:
+        except ApiError as err:
             self.send_json(err.code, _status(err.code, err.reason, err.message))
         except OSError:
             self.close_connection = True
 
     def route(self, path: str) -> tuple[ResourceType, str | None, str | None, str | None] | None:
         """(type, namespace, name, subresource) for a path, or None when nothing is served there."""
+        candidates = []
         for rt in self.server.fake._resources:
-            if not path.startswith(rt.prefix + "/"):
-                continue
-            parts = path[len(rt.prefix) + 1 :].strip("/").split("/")
-            namespace: str | None = None
-            if len(parts) >= 3 and parts[0] == "namespaces" and parts[2] == rt.plural and rt.namespaced:
-                namespace, parts = parts[1], parts[2:]
-            if not parts or parts[0] != rt.plural or len(parts) > 3:
-                continue
-            if len(parts) > 1 and rt.namespaced and namespace is None:
-                continue  # a namespaced object needs its namespace in the path
-            name = parts[1] if len(parts) > 1 else None
-            sub = parts[2] if len(parts) > 2 else None
-            return rt, namespace, name, sub
+            if path.startswith(rt.prefix + "/"):
+                candidates.append((rt, path[len(rt.prefix) + 1 :].strip("/").split("/")))
+        # .../namespaces/NS/PLURAL[/NAME[/SUB]] first: "namespaces" is a served plural too.
+        for rt, parts in candidates:
+            if rt.namespaced and 3 <= len(parts) <= 5 and parts[0] == "namespaces" and parts[2] == rt.plural:
+                return rt, parts[1], _at(parts, 3), _at(parts, 4)
+        for rt, parts in candidates:
+            # .../PLURAL (every namespace), or .../PLURAL/NAME[/SUB] for cluster-scoped types.
+            if parts[0] == rt.plural and (len(parts) == 1 or (not rt.namespaced and len(parts) <= 3)):
+                return rt, None, _at(parts, 1), _at(parts, 2)
         return None
 
     @staticmethod
@@ -962,14 +1002,14 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> tuple[int, Obj]:
         fake = self.server.fake
         if sub not in (None, "status"):
-            raise _ApiError(404, "NotFound", f"subresource {sub!r} is not served")
+            raise ApiError(404, "NotFound", f"subresource {sub!r} is not served")
         if verb == "list":
             selector = _Selector.parse(query.get("fieldSelector", ""), query.get("labelSelector", ""))
             with fake._cond:
                 status = fake._take_failure(rt, "list")
                 delay = fake._list_delay
             if status is not None:
-                raise _ApiError(status, _REASONS.get(status, "InternalError"), "injected list failure")
+                raise ApiError(status, _REASONS.get(status, "InternalError"), "injected list failure")
             if delay:
                 # Simulated latency of a big list; cut short when the server stops.
                 fake._stopping.wait(delay)
@@ -977,27 +1017,27 @@ class _Handler(BaseHTTPRequestHandler):
                 return 200, fake._list(rt, namespace, selector)
         if verb == "create":
             if name is not None or not isinstance(body, dict):
-                raise _ApiError(400, "BadRequest", "create takes an object posted to its collection")
+                raise ApiError(400, "BadRequest", "create takes an object posted to its collection")
             with fake._cond:
                 return 201, fake._create(rt, body, namespace)
         assert name is not None
         with fake._cond:
             current = fake._store[rt].get(_key(rt, namespace, name))
             if current is None:
-                raise _ApiError(404, "NotFound", f'{rt.plural} "{name}" not found')
+                raise ApiError(404, "NotFound", f'{rt.plural} "{name}" not found')
             if verb == "get":
                 return 200, copy.deepcopy(current)
             if verb == "delete":
                 return 200, fake._delete(rt, namespace, name)
             if verb == "update":
                 if not isinstance(body, dict):
-                    raise _ApiError(400, "BadRequest", "update takes an object")
+                    raise ApiError(400, "BadRequest", "update takes an object")
                 _meta(body)["name"] = name
                 return 200, fake._update(rt, body, namespace, check_rv=True, status_only=sub == "status")
             # patch
             content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
             if content_type not in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
-                raise _ApiError(415, "UnsupportedMediaType", f"patch type {content_type!r} is not supported")
+                raise ApiError(415, "UnsupportedMediaType", f"patch type {content_type!r} is not supported")
             patched = _merge_patch(current, body)
             patched["metadata"]["name"] = name
             patched["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
