@@ -3,14 +3,17 @@
 What a `Lab` guarantees once `up()` returns:
 
 - Every host (node, pod, client) is its own network namespace with the project's shared IP plan,
-  IPv4 and IPv6 side by side, and every address is usable at once: duplicate address detection
-  is off, no address is tentative and every bridge port is forwarding.
+  IPv4 and IPv6 side by side, and the first packet to any address goes through: duplicate
+  address detection is off, every address has joined its solicited-node group, every interface
+  can send (the kernel's linkwatch has run) and every bridge port is forwarding.
 - Plain routing works with no kproxy rules at all: client → pod, pod → pod across nodes,
   node → pod, and the replies find their way back with the real source addresses.
-- Nothing is created, changed or routed in the namespace the lab is run from. Namespaces are
-  named ``{prefix}-lan``, ``{prefix}-node{i}``, ``{prefix}-pod{i}{letter}`` and
-  ``{prefix}-client{k}``; every interface lives inside one of them (``ip link add ... netns``
-  creates it there directly), so interface names never collide between labs and stay short.
+- Every namespace behaves the same whatever the host's defaults: rp_filter off, no ICMP
+  redirects, no rate limit on ICMP errors (so a REJECT answers every probe, not the first six).
+- Nothing changes in the namespace the lab is run from, apart from the namespace names under
+  /run/netns: ``{prefix}-lan``, ``{prefix}-node{i}``, ``{prefix}-pod{i}{letter}`` and
+  ``{prefix}-client{k}``. Every interface is created directly inside one of them
+  (``ip link add ... netns``), so interface names never collide between labs and stay short.
 - `up()` first removes whatever an earlier run with the same prefix left behind; a failing
   `up()` removes what it built before raising; `down()` removes every namespace of the prefix.
 
@@ -26,6 +29,7 @@ step, steps run in parallel across namespaces), so a lab comes up in well under 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -269,6 +273,14 @@ class Lab:
     ) -> None:
         self.down()
 
+    def describe(self) -> str:
+        """One line per host: name, namespace, IPv4 and IPv6 address (and the node of a pod)."""
+        lines = []
+        for host in self.hosts:
+            where = f"on {host.node}" if isinstance(host, Pod) else ""
+            lines.append(f"{host.name:<10} {host.ns:<20} {host.ipv4:<15} {host.ipv6:<20} {where}".rstrip())
+        return "\n".join(lines)
+
     def __repr__(self) -> str:
         return (
             f"Lab(prefix={self.prefix!r}, nodes={len(self.nodes)}, "
@@ -287,7 +299,7 @@ class Lab:
         # configures its own side once all links exist.
         _parallel([partial(_ip_batch, ns, lines) for ns, lines in self._link_batches().items()])
         _parallel([partial(_ip_batch, ns, lines) for ns, lines in self._config_batches().items()])
-        _wait_ready(self.namespaces, bridges={self.lan_ns: "br0", **{n.ns: "cbr0" for n in self.nodes}})
+        _wait_ready(self.namespaces)
 
     def _sysctls(self) -> dict[str, list[str]]:
         # A plain switch: no netfilter on bridged LAN frames (br_netfilter is on by default in
@@ -301,6 +313,7 @@ class Lab:
         node = [
             *_NO_DAD,
             *_NO_RP_FILTER,
+            *_NO_ICMP_RATELIMIT,
             "net.ipv4.ip_forward=1",
             "net.ipv6.conf.all.forwarding=1",
             "net.ipv6.conf.default.forwarding=1",
@@ -313,29 +326,32 @@ class Lab:
             "net.ipv4.conf.all.send_redirects=0",
             "net.ipv4.conf.default.send_redirects=0",
         ]
-        host = [*_NO_DAD, *_NO_RP_FILTER, *_NO_ACCEPT_REDIRECTS]
+        host = [*_NO_DAD, *_NO_RP_FILTER, *_NO_ICMP_RATELIMIT, *_NO_ACCEPT_REDIRECTS]
         table = {self.lan_ns: lan}
         table.update({n.ns: node for n in self.nodes})
         table.update({p.ns: host for p in self.all_pods})
         table.update({c.ns: host for c in self.clients})
         return table
 
+    def _veth_number(self, host: Host) -> int:
+        return self.hosts.index(host)
+
     def _link_batches(self) -> dict[str, list[str]]:
-        lan = ["link add br0 type bridge stp_state 0 forward_delay 0", "link set br0 up"]
+        lan = [_BRIDGE.format(name="br0"), "link set br0 up"]
         for node in self.nodes:
-            lan += _veth(f"node{node.index}", node.ns, master="br0")
+            lan += _veth(f"node{node.index}", node.ns, "br0", self._veth_number(node))
         for client in self.clients:
-            lan += _veth(f"client{client.index}", client.ns, master="br0")
+            lan += _veth(f"client{client.index}", client.ns, "br0", self._veth_number(client))
         batches = {self.lan_ns: lan}
         for node in self.nodes:
             lines = [
-                "link add cbr0 type bridge stp_state 0 forward_delay 0",
+                _BRIDGE.format(name="cbr0"),
                 f"addr add {node.gateway_v4}/24 dev cbr0",
                 f"addr add {node.gateway_v6}/64 dev cbr0 nodad",
                 "link set cbr0 up",
             ]
             for pod in self.pods(node.index):
-                lines += _veth(f"veth-{node.index}{pod.letter}", pod.ns, master="cbr0")
+                lines += _veth(f"veth-{node.index}{pod.letter}", pod.ns, "cbr0", self._veth_number(pod))
             batches[node.ns] = lines
         return batches
 
@@ -380,10 +396,28 @@ class Lab:
         return batches
 
 
+_VETH_INDEX = 10000  # + a number per host: the ifindex of the upstream end of its veth
+_VETH_PEER_INDEX = 20000  # + the same number: its eth0
+# No STP: ports forward as soon as they are up. No multicast snooping: Neighbour
+# Solicitations are flooded rather than depending on MLD reports the bridge may not have seen.
+_BRIDGE = "link add {name} type bridge stp_state 0 forward_delay 0 mcast_snooping 0"
 _NO_DAD = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]
 # A new namespace inherits IPv4 settings from the host's; pin them so the lab routes the same
 # on every host (kube-proxy setups differ on rp_filter, and the lab is about plain routing).
 _NO_RP_FILTER = ["net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"]
+# ICMP errors (a REJECT's port unreachable too) are rate-limited per destination (IPv4: a
+# burst of 6, then one a second; IPv6: one per 100 ms) and per namespace (a burst of 50, both
+# families together); tests probing a rejected Service in a loop would see timeouts instead of
+# refusals. For IPv4 no type is rate-limited (ratemask 0) rather than icmp_ratelimit=0: the
+# latter empties the per-source token bucket that the routing code shares for its own "no
+# route" errors (1 per second, burst 5, not settable in a namespace), silencing those. All of
+# these settings are per namespace.
+_NO_ICMP_RATELIMIT = [
+    "net.ipv4.icmp_ratemask=0",
+    "net.ipv6.icmp.ratelimit=0",
+    "net.ipv4.icmp_msgs_per_sec=1000000",
+    "net.ipv4.icmp_msgs_burst=1000000",
+]
 _NO_ACCEPT_REDIRECTS = [
     "net.ipv4.conf.all.accept_redirects=0",
     "net.ipv4.conf.default.accept_redirects=0",
@@ -392,10 +426,17 @@ _NO_ACCEPT_REDIRECTS = [
 ]
 
 
-def _veth(name: str, peer_ns: str, master: str) -> list[str]:
-    """Lines creating veth `name` here with its peer `eth0` created directly in `peer_ns`."""
+def _veth(name: str, peer_ns: str, master: str, number: int) -> list[str]:
+    """Lines creating veth `name` here with its peer `eth0` created directly in `peer_ns`.
+
+    The two ends get distinct interface indexes (`number` is unique in the lab). The kernel's
+    linkwatch handles a carrier change at once only when a device's index differs from its
+    peer's; otherwise it batches it for up to a second, and until it runs the device keeps the
+    `noop` qdisc, which drops every packet sent.
+    """
     return [
-        f"link add {name} type veth peer name eth0 netns {peer_ns}",
+        f"link add {name} index {_VETH_INDEX + number} type veth"
+        f" peer name eth0 index {_VETH_PEER_INDEX + number} netns {peer_ns}",
         f"link set {name} master {master}",
         f"link set {name} up",
     ]
@@ -542,40 +583,102 @@ def _parallel(jobs: Sequence[Callable[[], None]]) -> None:
 # ----- readiness
 
 
-def _wait_ready(namespaces: Sequence[str], bridges: dict[str, str]) -> None:
-    """Poll until no address is tentative and every bridge port forwards, or raise."""
+def _wait_ready(namespaces: Sequence[str]) -> None:
+    """Poll every namespace until its addresses answer and its bridge ports forward, or raise."""
     deadline = time.monotonic() + _READY_TIMEOUT
     pending = list(namespaces)
     while True:
-        pending = [ns for ns in pending if not _ns_ready(ns, bridges.get(ns))]
+        with ThreadPoolExecutor(max_workers=min(16, len(pending))) as pool:
+            problems = dict(zip(pending, pool.map(_not_ready_reason, pending), strict=True))
+        pending = [ns for ns, problem in problems.items() if problem]
         if not pending:
             return
         if time.monotonic() > deadline:
-            raise LabError(f"lab namespaces not ready after {_READY_TIMEOUT}s: {', '.join(pending)}")
-        time.sleep(0.02)
+            detail = "; ".join(f"{ns}: {problems[ns]}" for ns in pending)
+            raise LabError(f"lab namespaces not ready after {_READY_TIMEOUT}s: {detail}")
+        time.sleep(0.01)
 
 
-def _ns_ready(ns: str, bridge: str | None) -> bool:
-    addrs = _ip_json(ns, ["-6", "addr", "show", "tentative"])
-    if any(entry.get("addr_info") for entry in addrs):
-        return False
-    if bridge is None:
-        return True
-    ports = _ip_json(ns, ["link", "show", "master", bridge])
-    if any(p.get("operstate") not in ("UP", "UNKNOWN") for p in ports):
-        return False
-    states = _bridge_port_states(ns)
-    return all(state == "forwarding" for state in states)
+def _not_ready_reason(ns: str) -> str:
+    """Why `ns` cannot carry traffic yet, or "" when it can."""
+    return _links_not_ready(ns) or _ipv6_not_ready(ns) or _bridge_ports_not_ready(ns)
+
+
+def _links_not_ready(ns: str) -> str:
+    """Every interface with a carrier must be able to send.
+
+    Until the kernel's linkwatch has seen a veth's carrier come up, the veth keeps the `noop`
+    qdisc, which drops every packet sent. (A bridge's operational state may read UNKNOWN for up
+    to a second longer, as linkwatch batches bridge events, but it sends from the start.) A
+    bridge without ports has no carrier and is left alone: nothing can use it.
+    """
+    for link in _ip_json(ns, ["link", "show"]):
+        flags = link.get("flags")
+        if not isinstance(flags, list) or "NO-CARRIER" in flags:
+            continue
+        if link.get("qdisc") == "noop" or link.get("operstate") not in ("UP", "UNKNOWN"):
+            return f"{link.get('ifname')} is {link.get('operstate')} with qdisc {link.get('qdisc')}"
+    return ""
+
+
+def _ipv6_not_ready(ns: str) -> str:
+    """Every IPv6 address must be usable for Neighbour Discovery, not merely non-tentative.
+
+    A ``nodad`` address is never tentative, yet the kernel joins its solicited-node multicast
+    group later, from a workqueue; before that a Neighbour Solicitation for it is dropped and
+    the first packet stalls for the one-second retransmission. (Link-local addresses may come
+    later still; nothing in the lab routes through them.)
+    """
+    joined = _joined_groups(ns)
+    for link in _ip_json(ns, ["-6", "addr", "show"]):
+        ifname = str(link.get("ifname"))
+        if ifname == "lo":
+            continue
+        for info in _as_dicts(link.get("addr_info")):
+            if info.get("tentative") or info.get("dadfailed"):
+                return f"{info.get('local')} on {ifname} is tentative"
+            group = _solicited_node_group(str(info.get("local")))
+            if group not in joined.get(ifname, set()):
+                return f"{ifname} has not joined {group} yet"
+    return ""
+
+
+def _bridge_ports_not_ready(ns: str) -> str:
+    for port in _bridge_json(ns):
+        if port.get("state") != "forwarding":
+            return f"bridge port {port.get('ifname')} is {port.get('state')}"
+    return ""
+
+
+def _solicited_node_group(address: str) -> str:
+    low24 = int(ipaddress.IPv6Address(address)) & 0xFFFFFF
+    return str(ipaddress.IPv6Address(int(ipaddress.IPv6Address("ff02::1:ff00:0")) | low24))
+
+
+def _joined_groups(ns: str) -> dict[str, set[str]]:
+    """IPv6 multicast groups per interface (``ip -6 maddr`` has no JSON output)."""
+    done = subprocess.run(["ip", "-n", ns, "-6", "maddr", "show"], capture_output=True, text=True, check=True)
+    groups: dict[str, set[str]] = {}
+    current: set[str] = set()
+    for line in done.stdout.splitlines():
+        fields = line.split()
+        if not line.startswith((" ", "\t")) and len(fields) == 2 and fields[0].endswith(":"):
+            current = groups.setdefault(fields[1], set())
+        elif len(fields) >= 2 and fields[0] == "inet6":
+            current.add(str(ipaddress.IPv6Address(fields[1])))
+    return groups
 
 
 def _ip_json(ns: str, args: Sequence[str]) -> list[dict[str, object]]:
     done = subprocess.run(["ip", "-n", ns, "-j", *args], capture_output=True, text=True, check=True)
-    data = json.loads(done.stdout or "[]")
-    return data if isinstance(data, list) else []
+    return _as_dicts(json.loads(done.stdout or "[]"))
 
 
-def _bridge_port_states(ns: str) -> list[str]:
+def _bridge_json(ns: str) -> list[dict[str, object]]:
     argv = ["bridge", "-n", ns, "-j", "link", "show"]
     done = subprocess.run(argv, capture_output=True, text=True, check=True)
-    data = json.loads(done.stdout or "[]")
-    return [str(port.get("state")) for port in data if isinstance(port, dict)]
+    return _as_dicts(json.loads(done.stdout or "[]"))
+
+
+def _as_dicts(value: object) -> list[dict[str, object]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
