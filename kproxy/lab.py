@@ -352,6 +352,10 @@ class Lab:
             ]
             for pod in self.pods(node.index):
                 lines += _veth(f"veth-{node.index}{pod.letter}", pod.ns, "cbr0", self._veth_number(pod))
+                # As the CNI bridge plugin's hairpinMode (kubelet's hairpin-veth): a pod reaching
+                # itself through a Service is DNATed by br_netfilter and bridged back out of the
+                # port it came in on, which a bridge refuses unless the port is in hairpin mode.
+                lines.append(f"link set veth-{node.index}{pod.letter} type bridge_slave hairpin on")
             batches[node.ns] = lines
         return batches
 
