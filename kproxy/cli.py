@@ -239,5 +239,9 @@ def cleanup(mode: str, upstream: bool) -> None:
     click.echo(f"removed {removed} chains")
 
 
+from kproxy.cli_lab import lab  # noqa: E402  (the lab group lives in its own module)
+
+main.add_command(lab)
+
 if __name__ == "__main__":
     main()
