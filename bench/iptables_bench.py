@@ -26,8 +26,13 @@ def objects(n: int) -> list[dict]:
     out: list[dict] = []
     for i in range(n):
         ip = f"172.30.{i // 250}.{i % 250 + 1}"
-        out.append(service(name=f"svc{i}", cluster_ip=ip, type="NodePort", node_port=30000 + i % 2000 if i < 2000 else None))
-        eps = [endpoint(f"10.{1 + i // 6000}.{(i // 25) % 240}.{(i % 25) * ENDPOINTS + j + 1}", f"node-{j}") for j in range(ENDPOINTS)]
+        out.append(
+            service(name=f"svc{i}", cluster_ip=ip, type="NodePort", node_port=30000 + i % 2000 if i < 2000 else None)
+        )
+        eps = [
+            endpoint(f"10.{1 + i // 6000}.{(i // 25) % 240}.{(i % 25) * ENDPOINTS + j + 1}", f"node-{j}")
+            for j in range(ENDPOINTS)
+        ]
         out.append(endpoint_slice(f"svc{i}", endpoints=eps))
     return out
 
@@ -55,8 +60,15 @@ def run_one(n: int, variant: str, apply: bool) -> dict:
     render_s = time.perf_counter() - t
     lines = plan.text.count("\n")
 
-    res = {"services": n, "endpoints": n * ENDPOINTS, "variant": variant, "convert_s": convert_s,
-           "render_s": render_s, "restore_lines": lines, "chains": sum(plan.written.values())}
+    res = {
+        "services": n,
+        "endpoints": n * ENDPOINTS,
+        "variant": variant,
+        "convert_s": convert_s,
+        "render_s": render_s,
+        "restore_lines": lines,
+        "chains": sum(plan.written.values()),
+    }
 
     backend = Iptables(IPFamily.V4, variant)
     if apply:
@@ -73,7 +85,12 @@ def run_one(n: int, variant: str, apply: bool) -> dict:
     eps.update(changed.endpoints)
     t = time.perf_counter()
     partial = ipt.render(ports, eps, ctx, previous=full)
-    pplan = ipt.plan(partial, full.tables, None, {t: {(b, tg) for (tb, b, _, tg, _) in full.jumps if tb == t} for t in ("nat", "filter")})
+    pplan = ipt.plan(
+        partial,
+        full.tables,
+        None,
+        {t: {(b, tg) for (tb, b, _, tg, _) in full.jumps if tb == t} for t in ("nat", "filter")},
+    )
     res["partial_render_s"] = time.perf_counter() - t
     res["partial_lines"] = pplan.text.count("\n")
     res["partial_chains"] = sum(pplan.written.values())

@@ -11,9 +11,19 @@ from kproxy.proxier import names
 # kube-proxy's own chains. KUBE-FIREWALL, KUBE-KUBELET-CANARY and KUBE-IPTABLES-HINT belong to
 # kubelet and stay, as `kube-proxy --cleanup` leaves them.
 _UPSTREAM_FIXED = {
-    "KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ",
-    "KUBE-FORWARD", "KUBE-PROXY-FIREWALL", "KUBE-PROXY-CANARY", "KUBE-NODE-PORT", "KUBE-LOAD-BALANCER",
-    "KUBE-SOURCE-RANGES-FIREWALL", "KUBE-IPVS-FILTER", "KUBE-IPVS-OUT-FILTER",
+    "KUBE-SERVICES",
+    "KUBE-EXTERNAL-SERVICES",
+    "KUBE-NODEPORTS",
+    "KUBE-POSTROUTING",
+    "KUBE-MARK-MASQ",
+    "KUBE-FORWARD",
+    "KUBE-PROXY-FIREWALL",
+    "KUBE-PROXY-CANARY",
+    "KUBE-NODE-PORT",
+    "KUBE-LOAD-BALANCER",
+    "KUBE-SOURCE-RANGES-FIREWALL",
+    "KUBE-IPVS-FILTER",
+    "KUBE-IPVS-OUT-FILTER",
 }
 _UPSTREAM_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-", "KUBE-XLB-")
 
@@ -32,7 +42,10 @@ def cleanup_iptables(upstream: bool = False) -> int:
     for variant in ("nft", "legacy"):
         for family in kernel_families():
             ipt = Iptables(family, variant)
-            if not ipt.available() or shutil.which(f"{'iptables' if family == 4 else 'ip6tables'}-{variant}-save") is None:
+            if (
+                not ipt.available()
+                or shutil.which(f"{'iptables' if family == 4 else 'ip6tables'}-{variant}-save") is None
+            ):
                 continue
             owned = _owned(upstream)
             prefixes = (names.PREFIX, names.UPSTREAM_PREFIX) if upstream else (names.PREFIX,)

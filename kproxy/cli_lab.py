@@ -46,10 +46,24 @@ def up(prefix: str, nodes: int, pods_per_node: int, clients: int) -> None:
     """Build the lab and serve an echo server on port 8080 (TCP and UDP) in every pod."""
     the_lab = Lab(prefix=prefix, nodes=nodes, pods_per_node=pods_per_node, clients=clients).up()
     RUN_DIR.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "kproxy.cli", "lab", "serve", "--prefix", prefix,
-            "--nodes", str(nodes), "--pods-per-node", str(pods_per_node), "--clients", str(clients)]
-    proc = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = [
+        sys.executable,
+        "-m",
+        "kproxy.cli",
+        "lab",
+        "serve",
+        "--prefix",
+        prefix,
+        "--nodes",
+        str(nodes),
+        "--pods-per-node",
+        str(pods_per_node),
+        "--clients",
+        str(clients),
+    ]
+    proc = subprocess.Popen(
+        argv, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     _pidfile(prefix).write_text(str(proc.pid))
     click.echo(the_lab.describe())
     click.echo(f"echo servers on port {ECHO_PORT} in every pod (pid {proc.pid}); `kproxy lab down` removes it all")
@@ -89,7 +103,9 @@ def down(prefix: str) -> None:
 
 @lab.command()
 @click.option("--prefix", default="kpdemo", show_default=True)
-@click.option("--state", "state_path", type=click.Path(), default=None, help="Default: the example state shipped with kproxy.")
+@click.option(
+    "--state", "state_path", type=click.Path(), default=None, help="Default: the example state shipped with kproxy."
+)
 @click.option("--requests", default=6, show_default=True)
 def demo(prefix: str, state_path: str | None, requests: int) -> None:
     """Build a lab, program node-1 with kproxy sync, show where requests land, clean up."""
@@ -103,8 +119,18 @@ def demo(prefix: str, state_path: str | None, requests: int) -> None:
         click.echo(the_lab.describe())
         servers = [EchoServer(pod, ECHO_PORT, proto="both").start() for pod in the_lab.all_pods]
         node = the_lab.node(1)
-        argv = [str(Path(sys.executable).with_name("kproxy")), "sync", "--mode", "iptables", "--node", node.name,
-                "--state", state, "--cluster-cidr", "10.0.0.0/8"]
+        argv = [
+            str(Path(sys.executable).with_name("kproxy")),
+            "sync",
+            "--mode",
+            "iptables",
+            "--node",
+            node.name,
+            "--state",
+            state,
+            "--cluster-cidr",
+            "10.0.0.0/8",
+        ]
         click.echo(f"\n$ ip netns exec {node.ns} {' '.join(['kproxy'] + argv[1:])}")
         res = the_lab.run(node.ns, argv, check=False)
         click.echo(res.stdout + res.stderr, nl=False)
@@ -114,9 +140,20 @@ def demo(prefix: str, state_path: str | None, requests: int) -> None:
         pod = the_lab.pod("pod-1b")
         cases = [
             ("ClusterIP demo/web 172.30.0.10:80 from pod-1b", pod, "172.30.0.10", 80, None),
-            ("NodePort demo/shop 192.168.0.2:30080 from the outside client", client, "192.168.0.2", 30080, "203.0.113.10"),
-            ("LoadBalancer demo/edge 198.51.100.10:80 (externalTrafficPolicy Local) from the outside client",
-             client, "198.51.100.10", 80, "203.0.113.10"),
+            (
+                "NodePort demo/shop 192.168.0.2:30080 from the outside client",
+                client,
+                "192.168.0.2",
+                30080,
+                "203.0.113.10",
+            ),
+            (
+                "LoadBalancer demo/edge 198.51.100.10:80 (externalTrafficPolicy Local) from the outside client",
+                client,
+                "198.51.100.10",
+                80,
+                "203.0.113.10",
+            ),
         ]
         failed = False
         for title, src, dst, port, src_ip in cases:

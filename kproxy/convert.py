@@ -119,9 +119,7 @@ def convert_service(obj: Obj, *, service_proxy_name: str = "") -> Service | None
     if cluster_ips is None:
         return None
 
-    external_ips = tuple(
-        parse_ip(ip, ref, f"spec.externalIPs[{i}]") for i, ip in enumerate(_list(spec, "externalIPs"))
-    )
+    external_ips = tuple(parse_ip(ip, ref, f"spec.externalIPs[{i}]") for i, ip in enumerate(_list(spec, "externalIPs")))
     lb_ips: tuple[str, ...] = ()
     source_ranges: tuple[str, ...] = ()
     if svc_type is ServiceType.LOAD_BALANCER:
@@ -129,9 +127,7 @@ def convert_service(obj: Obj, *, service_proxy_name: str = "") -> Service | None
         source_ranges = _source_ranges(spec, meta, ref)
 
     affinity = _affinity_timeout(spec, ref)
-    externally_accessible = svc_type in (ServiceType.NODE_PORT, ServiceType.LOAD_BALANCER) or bool(
-        external_ips
-    )
+    externally_accessible = svc_type in (ServiceType.NODE_PORT, ServiceType.LOAD_BALANCER) or bool(external_ips)
     etp_local = externally_accessible and _policy(spec, "externalTrafficPolicy", ref)
     itp_local = _policy(spec, "internalTrafficPolicy", ref)
     hc_port = 0
@@ -228,7 +224,7 @@ def _affinity_timeout(spec: Obj, ref: str) -> int:
         return 0
     if affinity != "ClientIP":
         raise InvalidObject(ref, "spec.sessionAffinity", f"unknown affinity {affinity!r} (None or ClientIP)")
-    config = ((spec.get("sessionAffinityConfig") or {}).get("clientIP") or {})
+    config = (spec.get("sessionAffinityConfig") or {}).get("clientIP") or {}
     timeout = config.get("timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT)
     if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= MAX_AFFINITY_TIMEOUT:
         raise InvalidObject(

@@ -13,9 +13,7 @@ from collections.abc import Iterable
 from kproxy.model import Endpoint, EndpointSlice, IPFamily, ServicePortName
 
 
-def endpoints_by_port(
-    slices: Iterable[EndpointSlice], family: IPFamily
-) -> dict[ServicePortName, tuple[Endpoint, ...]]:
+def endpoints_by_port(slices: Iterable[EndpointSlice], family: IPFamily) -> dict[ServicePortName, tuple[Endpoint, ...]]:
     merged: dict[ServicePortName, dict[tuple[str, int], Endpoint]] = {}
     for es in slices:
         if es.family != family:
@@ -38,6 +36,4 @@ def endpoints_by_port(
                     zone_hints=se.zone_hints,
                     node_hints=se.node_hints,
                 )
-    return {
-        name: tuple(sorted(bucket.values(), key=lambda ep: ep.addr)) for name, bucket in merged.items()
-    }
+    return {name: tuple(sorted(bucket.values(), key=lambda ep: ep.addr)) for name, bucket in merged.items()}

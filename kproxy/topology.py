@@ -57,9 +57,7 @@ def categorize(endpoints: Sequence[Endpoint], svc: ServicePort, node_name: str, 
         return EndpointSets(cluster, (), cluster, has_any)
 
     local_ready = tuple(ep for ep in endpoints if ep.ready and ep.node_name == node_name)
-    local = local_ready or tuple(
-        ep for ep in endpoints if _serving_terminating(ep) and ep.node_name == node_name
-    )
+    local = local_ready or tuple(ep for ep in endpoints if _serving_terminating(ep) and ep.node_name == node_name)
     has_any = has_any or any(ep.ready or _serving_terminating(ep) for ep in endpoints)
 
     if not svc.uses_cluster_endpoints:

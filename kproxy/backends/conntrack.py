@@ -48,20 +48,36 @@ class Conntrack:
         argv = ["conntrack", "-L", "-f", self._f, "-p", protocol.lower]
         res = _run(argv)
         if res.returncode != 0:
-            raise BackendError("listing conntrack entries failed", argv=tuple(argv), returncode=res.returncode, stderr=res.stderr)
+            raise BackendError(
+                "listing conntrack entries failed", argv=tuple(argv), returncode=res.returncode, stderr=res.stderr
+            )
         return parse_flows(res.stdout, protocol)
 
     def delete(self, flows: Iterable[Flow]) -> int:
         deleted = 0
         for fl in flows:
             argv = [
-                "conntrack", "-D", "-f", self._f, "-p", fl.protocol.lower,
-                "-s", fl.orig_src, "-d", fl.orig_dst, "--sport", str(fl.orig_sport), "--dport", str(fl.orig_dport),
+                "conntrack",
+                "-D",
+                "-f",
+                self._f,
+                "-p",
+                fl.protocol.lower,
+                "-s",
+                fl.orig_src,
+                "-d",
+                fl.orig_dst,
+                "--sport",
+                str(fl.orig_sport),
+                "--dport",
+                str(fl.orig_dport),
             ]
             res = _run(argv)
             # Exit status 1 with "0 flow entries": the flow expired meanwhile, which is the goal.
             if res.returncode == 0:
                 deleted += 1
             elif "0 flow entries" not in res.stderr:
-                raise BackendError("deleting a conntrack entry failed", argv=tuple(argv), returncode=res.returncode, stderr=res.stderr)
+                raise BackendError(
+                    "deleting a conntrack entry failed", argv=tuple(argv), returncode=res.returncode, stderr=res.stderr
+                )
         return deleted

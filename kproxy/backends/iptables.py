@@ -9,9 +9,9 @@ would leave two disagreeing rulesets in the kernel.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kproxy.errors import BackendError
@@ -85,7 +85,9 @@ class Iptables:
     def available(self) -> bool:
         return shutil.which(_binary(self.family, self.variant, "restore")) is not None
 
-    def save(self, tables: tuple[str, ...] = ("filter", "nat"), prefixes: tuple[str, ...] = (OWN_PREFIX,)) -> SavedState:
+    def save(
+        self, tables: tuple[str, ...] = ("filter", "nat"), prefixes: tuple[str, ...] = (OWN_PREFIX,)
+    ) -> SavedState:
         chains: dict[str, set[str]] = {}
         jumps: dict[str, set[tuple[str, str]]] = {}
         jump_rules: dict[str, list[str]] = {}
@@ -97,7 +99,9 @@ class Iptables:
                 if "does not exist" in res.stderr or "Table does not exist" in res.stderr:
                     chains[table], jumps[table], jump_rules[table] = set(), set(), []
                     continue
-                raise BackendError("reading iptables failed", argv=tuple(argv), returncode=res.returncode, stderr=res.stderr)
+                raise BackendError(
+                    "reading iptables failed", argv=tuple(argv), returncode=res.returncode, stderr=res.stderr
+                )
             names: set[str] = set()
             found: set[tuple[str, str]] = set()
             rules: list[str] = []
@@ -155,3 +159,40 @@ def cleanup_text(saved: SavedState, owned: Callable[[str], bool]) -> str:
         out.extend(f"-X {c}" for c in mine)
         out.append("COMMIT")
     return "\n".join(out) + "\n" if out else ""
+
+
+# ----------------------------------------------------------------------------------------------
+# The canary: how `kproxy run` notices that someone flushed or deleted its chains (a firewall
+# reload, `iptables -F; iptables -X`), as upstream's KUBE-PROXY-CANARY. The chain is referenced
+# by nothing; it holds one inert rule so that a flush (-F) is detected as well as a delete (-X).
+
+CANARY_CHAIN = "KPROXY-PROXY-CANARY"
+CANARY_TABLES = ("mangle", "nat", "filter")
+# iptables' exit status when the chain does not exist; 2 is a bad argument, 4 a resource problem.
+_NO_SUCH_CHAIN = 1
+
+
+def ensure_canary(ipt: Iptables) -> None:
+    """Create (or reset) the canary chain with its rule in mangle, nat and filter: one transaction."""
+    rule = f"-A {CANARY_CHAIN} -j RETURN"
+    ipt.restore("".join(f"*{t}\n:{CANARY_CHAIN} - [0:0]\n{rule}\nCOMMIT\n" for t in CANARY_TABLES))
+
+
+def canary_intact(ipt: Iptables) -> bool:
+    """Whether the canary chain and its rule are still there in all three tables."""
+    for table in CANARY_TABLES:
+        binary = _binary(ipt.family, ipt.variant, "")
+        argv = [binary, "-w", str(LOCK_WAIT_SECONDS), "-t", table, "-S", CANARY_CHAIN]
+        res = _run(argv, timeout=30)
+        if res.returncode == _NO_SUCH_CHAIN:
+            return False
+        if res.returncode != 0:
+            raise BackendError(
+                "checking the canary chain failed",
+                argv=tuple(argv),
+                returncode=res.returncode,
+                stderr=res.stderr,
+            )
+        if f"-A {CANARY_CHAIN} " not in res.stdout:
+            return False
+    return True

@@ -39,8 +39,10 @@ def _in_any(ip: str, cidrs: Iterable[str]) -> bool:
 
 def node_context(cfg: ProxyConfig, family: IPFamily, node: Node | None, host_addrs: Iterable[str]) -> NodeContext:
     host = tuple(a for a in host_addrs if family_of(a) == family)
-    node_ips = node.addresses_of(family) if node is not None and node.addresses_of(family) else tuple(
-        a for a in host if not ipaddress.ip_address(a).is_loopback
+    node_ips = (
+        node.addresses_of(family)
+        if node is not None and node.addresses_of(family)
+        else tuple(a for a in host if not ipaddress.ip_address(a).is_loopback)
     )
     nodeport_ips: tuple[str, ...] | None = None
     if cfg.nodeport_addresses == ("primary",):

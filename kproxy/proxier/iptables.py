@@ -36,8 +36,20 @@ FILTER = "filter"
 # Jumps from the built-in chains: (table, built-in chain, match, our chain, comment). Inserted
 # at the top, as upstream, so that other agents' rules cannot pre-empt service traffic.
 JUMPS: tuple[tuple[str, str, str, str, str], ...] = (
-    (FILTER, "INPUT", "-m conntrack --ctstate NEW", names.EXTERNAL_SERVICES, "kproxy externally-visible service portals"),
-    (FILTER, "FORWARD", "-m conntrack --ctstate NEW", names.EXTERNAL_SERVICES, "kproxy externally-visible service portals"),
+    (
+        FILTER,
+        "INPUT",
+        "-m conntrack --ctstate NEW",
+        names.EXTERNAL_SERVICES,
+        "kproxy externally-visible service portals",
+    ),
+    (
+        FILTER,
+        "FORWARD",
+        "-m conntrack --ctstate NEW",
+        names.EXTERNAL_SERVICES,
+        "kproxy externally-visible service portals",
+    ),
     (FILTER, "INPUT", "", names.NODEPORTS, "kproxy health check service ports"),
     (FILTER, "FORWARD", "-m conntrack --ctstate NEW", names.SERVICES, "kproxy service portals"),
     (FILTER, "OUTPUT", "-m conntrack --ctstate NEW", names.SERVICES, "kproxy service portals"),
@@ -216,7 +228,9 @@ def render_service(svc: ServicePort, eps: tuple[Endpoint, ...], ctx: NodeContext
     if has_internal:
         nat_services.append(f"-A {names.SERVICES} {cluster_match} -j {internal_chain}")
     else:
-        f_services.append(f"-A {names.SERVICES} -m comment --comment {int_comment} {p} -d {cip} --dport {port} -j {int_target}")
+        f_services.append(
+            f"-A {names.SERVICES} -m comment --comment {int_comment} {p} -d {cip} --dport {port} -j {int_target}"
+        )
 
     for ip in svc.external_ips:
         if has_any:
@@ -245,7 +259,9 @@ def render_service(svc: ServicePort, eps: tuple[Endpoint, ...], ctx: NodeContext
     if svc.node_port:
         if has_any:
             # NodePorts are not subject to loadBalancerSourceRanges, as upstream.
-            nat_nodeports.append(f"-A {names.NODEPORTS} -m comment --comment {spn_s} {p} --dport {svc.node_port} -j {ext_chain}")
+            nat_nodeports.append(
+                f"-A {names.NODEPORTS} -m comment --comment {spn_s} {p} --dport {svc.node_port} -j {ext_chain}"
+            )
         if not has_external:
             f_external.append(
                 f"-A {names.EXTERNAL_SERVICES} -m comment --comment {ext_comment} -m addrtype --dst-type LOCAL "
@@ -274,7 +290,9 @@ def render_service(svc: ServicePort, eps: tuple[Endpoint, ...], ctx: NodeContext
     if uses_ext_chain:
         rules: list[str] = []
         if not svc.external_policy_local:
-            rules.append(f'-A {ext_chain} -m comment --comment "masquerade traffic for {spn_s} external destinations" -j {names.MARK_MASQ}')
+            rules.append(
+                f'-A {ext_chain} -m comment --comment "masquerade traffic for {spn_s} external destinations" -j {names.MARK_MASQ}'
+            )
         else:
             if detector.implemented:
                 # Pods reaching an external address behave as if they went out to the LB and back.
@@ -300,7 +318,9 @@ def render_service(svc: ServicePort, eps: tuple[Endpoint, ...], ctx: NodeContext
         if ctx.node_ip and any(_cidr_contains(cidr, ctx.node_ip) for cidr in svc.lb_source_ranges):
             # A node reaching an LB IP bound locally arrives with the LB IP as source.
             rules.extend(f"{head} -s {ip} -j {ext_chain}" for ip in svc.lb_ips)
-        rules.append(f'-A {fw_chain} -m comment --comment "other traffic to {spn_s} will be dropped by {names.PROXY_FIREWALL}"')
+        rules.append(
+            f'-A {fw_chain} -m comment --comment "other traffic to {spn_s} will be dropped by {names.PROXY_FIREWALL}"'
+        )
         chains.append((fw_chain, tuple(rules)))
 
     if uses_cluster_chain:

@@ -31,9 +31,7 @@ def list_once(node_name: str, kubeconfig: str | None = None) -> list[dict[str, A
     try:
         objects = items(core.list_service_for_all_namespaces(_preload_content=False), "Service")
         objects += items(discovery.list_endpoint_slice_for_all_namespaces(_preload_content=False), "EndpointSlice")
-        objects += items(
-            core.list_node(field_selector=f"metadata.name={node_name}", _preload_content=False), "Node"
-        )
+        objects += items(core.list_node(field_selector=f"metadata.name={node_name}", _preload_content=False), "Node")
     except (ApiException, OSError) as e:
         raise InputError(f"cannot list from the API server: {e}") from e
     except Exception as e:  # urllib3 connection errors have no common public base

@@ -126,9 +126,7 @@ class Tracer:
         return Trace(tuple(outcomes))
 
     def _builtin(self, table: str, hook: str, pkt: Packet, ctstate_dnat: bool = False) -> list[tuple[Packet, str]]:
-        rules = [
-            "-A " + jump_rule(b, m, t, c) for (tb, b, m, t, c) in self.jumps if tb == table and b == hook
-        ]
+        rules = ["-A " + jump_rule(b, m, t, c) for (tb, b, m, t, c) in self.jumps if tb == table and b == hook]
         return self._rules(table, rules, pkt, ctstate_dnat, builtin=True)
 
     def _chain(self, table: str, chain: str, pkt: Packet, ctstate_dnat: bool) -> list[tuple[Packet, str]]:

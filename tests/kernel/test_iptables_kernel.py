@@ -44,9 +44,19 @@ def world(lab: Lab) -> Iterator[Lab]:
         lab.run(n1, [KPROXY, "cleanup"], check=False)
 
 
-def sync(lab: Lab, tmp_path: Path, objects: list[dict[str, Any]], *flags: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def sync(
+    lab: Lab, tmp_path: Path, objects: list[dict[str, Any]], *flags: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     state = tmp_path / "state.yaml"
-    state.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": [node(addresses=["192.168.0.2", "fd00:192:168::2"]), *objects]}))
+    state.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "List",
+                "items": [node(addresses=["192.168.0.2", "fd00:192:168::2"]), *objects],
+            }
+        )
+    )
     args = [KPROXY, "sync", "--mode", "iptables", "--node", "node-1", "--state", str(state), *flags]
     return lab.run(lab.node(1).ns, args, check=check)
 
@@ -102,7 +112,11 @@ def test_no_endpoints_is_rejected_at_once(world: Lab, tmp_path: Path) -> None:
         service(name="dns", protocol="UDP", port=53, cluster_ip="172.30.0.53"),
     ]
     sync(world, tmp_path, objs, *V4_NODE_CFG)
-    for ns, dst, port in [(world.pod("pod-1b"), CIP, 80), (world.client(1), "192.168.0.2", 30080), (world.client(1), LB, 80)]:
+    for ns, dst, port in [
+        (world.pod("pod-1b"), CIP, 80),
+        (world.client(1), "192.168.0.2", 30080),
+        (world.client(1), LB, 80),
+    ]:
         r = probe(ns, dst, port, timeout=2.0)
         assert r.outcome is Outcome.REFUSED, r
         assert r.elapsed < 1.0
@@ -120,7 +134,14 @@ def test_node_port_on_node_ip_and_localhost(world: Lab, tmp_path: Path) -> None:
 
 
 def test_node_port_addresses_restrict_where_node_ports_answer(world: Lab, tmp_path: Path) -> None:
-    sync(world, tmp_path, svc("pod-1a", type="NodePort", node_port=30080), *V4_NODE_CFG, "--nodeport-addresses", "192.168.0.0/24")
+    sync(
+        world,
+        tmp_path,
+        svc("pod-1a", type="NodePort", node_port=30080),
+        *V4_NODE_CFG,
+        "--nodeport-addresses",
+        "192.168.0.0/24",
+    )
     assert answered_by(probe_many(world.client(1), "192.168.0.2", 30080, count=4)) == {"pod-1a"}
     assert probe(world.node(1), "127.0.0.1", 30080, timeout=0.5).outcome is Outcome.REFUSED  # nobody listens there
 

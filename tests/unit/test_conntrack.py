@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from kproxy.backends.conntrack import parse_flows
-from kproxy.model import Endpoint, Flow, Protocol, ServicePort, ServicePortName
 from kproxy.conntrack import stale_flows
+from kproxy.model import Endpoint, Flow, Protocol, ServicePort, ServicePortName
 
 DNS = ServicePortName("kube-system", "dns", "dns", Protocol.UDP)
-PORTS = {DNS: ServicePort(name=DNS, port=53, node_port=30053, cluster_ips=("172.30.0.10",), external_ips=("198.51.100.53",))}
+PORTS = {
+    DNS: ServicePort(name=DNS, port=53, node_port=30053, cluster_ips=("172.30.0.10",), external_ips=("198.51.100.53",))
+}
 LIVE = {DNS: (Endpoint("10.0.2.10", 5353),)}
 
 

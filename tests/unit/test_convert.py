@@ -18,8 +18,16 @@ BAD_SERVICES = [
     ("port zero", service(port=0), "spec.ports[0].port"),
     ("node port out of range", service(type="NodePort", node_port=65536), "spec.ports[0].nodePort"),
     ("unknown protocol", service(protocol="ICMP"), "spec.ports[0].protocol"),
-    ("bad source range", service(type="LoadBalancer", source_ranges=["203.0.113.0/33"]), "spec.loadBalancerSourceRanges[0]"),
-    ("source range not a CIDR", service(type="LoadBalancer", source_ranges=["nonsense"]), "spec.loadBalancerSourceRanges[0]"),
+    (
+        "bad source range",
+        service(type="LoadBalancer", source_ranges=["203.0.113.0/33"]),
+        "spec.loadBalancerSourceRanges[0]",
+    ),
+    (
+        "source range not a CIDR",
+        service(type="LoadBalancer", source_ranges=["nonsense"]),
+        "spec.loadBalancerSourceRanges[0]",
+    ),
     ("affinity timeout zero", service(affinity=0), "spec.sessionAffinityConfig.clientIP.timeoutSeconds"),
     ("affinity timeout too long", service(affinity=86401), "spec.sessionAffinityConfig.clientIP.timeoutSeconds"),
     (
@@ -74,14 +82,20 @@ def test_sloppy_ips_normalised_as_upstream() -> None:
 
 def test_lb_ingress_ip_mode_proxy_gets_no_lb_ip() -> None:
     obj = service(type="LoadBalancer", node_port=30001)
-    obj["status"] = {"loadBalancer": {"ingress": [{"ip": "198.51.100.1", "ipMode": "Proxy"}, {"ip": "198.51.100.2"}, {"hostname": "lb.example"}]}}
+    obj["status"] = {
+        "loadBalancer": {
+            "ingress": [{"ip": "198.51.100.1", "ipMode": "Proxy"}, {"ip": "198.51.100.2"}, {"hostname": "lb.example"}]
+        }
+    }
     svc = convert_service(obj)
     assert svc is not None and svc.ports[0].lb_ips == ("198.51.100.2",)
 
 
 def test_source_ranges_from_annotation() -> None:
     obj = service(type="LoadBalancer")
-    obj["metadata"]["annotations"] = {"service.beta.kubernetes.io/load-balancer-source-ranges": "203.0.113.0/25, 198.51.100.0/24"}
+    obj["metadata"]["annotations"] = {
+        "service.beta.kubernetes.io/load-balancer-source-ranges": "203.0.113.0/25, 198.51.100.0/24"
+    }
     svc = convert_service(obj)
     assert svc is not None and svc.ports[0].lb_source_ranges == ("203.0.113.0/25", "198.51.100.0/24")
 
@@ -94,7 +108,9 @@ def test_etp_local_only_counts_for_externally_accessible_services() -> None:
 
 
 def test_dual_stack_service_splits_by_family() -> None:
-    svc = convert_service(service(cluster_ip=["172.30.0.41", "fd00:172:30::41"], external_ips=["203.0.113.5", "2001:db8::5"]))
+    svc = convert_service(
+        service(cluster_ip=["172.30.0.41", "fd00:172:30::41"], external_ips=["203.0.113.5", "2001:db8::5"])
+    )
     assert svc is not None
     v6 = svc.ports[0].for_family(IPFamily.V6)
     assert v6 is not None and v6.cluster_ips == ("fd00:172:30::41",) and v6.external_ips == ("2001:db8::5",)
@@ -102,7 +118,9 @@ def test_dual_stack_service_splits_by_family() -> None:
 
 def test_slice_conditions_and_families() -> None:
     es = convert_slice(
-        endpoint_slice(endpoints=[endpoint("10.0.2.10"), endpoint("10.0.2.11", ready=False, serving=True, terminating=True)])
+        endpoint_slice(
+            endpoints=[endpoint("10.0.2.10"), endpoint("10.0.2.11", ready=False, serving=True, terminating=True)]
+        )
     )
     assert es is not None and es.family is IPFamily.V4 and es.ports[0].protocol is Protocol.TCP
     assert [(e.ready, e.serving, e.terminating) for e in es.endpoints] == [(True, True, False), (False, True, True)]
@@ -114,7 +132,11 @@ def test_slice_conditions_and_families() -> None:
     [
         ("wrong family address", endpoint_slice(endpoints=[endpoint("fd00::1")]), "endpoints[0].addresses[0]"),
         ("malformed address", endpoint_slice(endpoints=[endpoint("10.0.0.256")]), "endpoints[0].addresses[0]"),
-        ("no owning service", {**endpoint_slice(), "metadata": {"name": "x", "namespace": "ns1"}}, "metadata.labels[kubernetes.io/service-name]"),
+        (
+            "no owning service",
+            {**endpoint_slice(), "metadata": {"name": "x", "namespace": "ns1"}},
+            "metadata.labels[kubernetes.io/service-name]",
+        ),
     ],
 )
 def test_bad_slices(case: str, obj: dict, field: str) -> None:

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field, replace
 import pytest
 
 from kproxy.config import ProxyConfig
-from kproxy.model import IPFamily
+from kproxy.model import IPFamily, Protocol, ServicePortName
 from kproxy.proxier import names
-from kproxy.model import Protocol, ServicePortName
 from kproxy.testing.builders import endpoint, endpoint_slice, node, service
 from kproxy.testing.scenario import tracer_for
 from kproxy.testing.tracer import DROP, REJECT, UNTOUCHED

@@ -43,7 +43,19 @@ def test_one_endpoint_change_writes_one_svc_and_one_sep_chain() -> None:
     objs[1] = endpoint_slice("svc0", endpoints=[endpoint("10.0.2.10"), endpoint("10.0.2.99")])
     after, ctx = render_objects(objs, CFG)
     existing = {t: set(c) for t, c in before.tables.items()}
-    p = ipt.plan(after, before.tables, existing, {"nat": {("PREROUTING", "KPROXY-SERVICES"), ("OUTPUT", "KPROXY-SERVICES"), ("POSTROUTING", "KPROXY-POSTROUTING")}, "filter": {(b, t) for (tb, b, _, t, _) in after.jumps if tb == "filter"}})
+    p = ipt.plan(
+        after,
+        before.tables,
+        existing,
+        {
+            "nat": {
+                ("PREROUTING", "KPROXY-SERVICES"),
+                ("OUTPUT", "KPROXY-SERVICES"),
+                ("POSTROUTING", "KPROXY-POSTROUTING"),
+            },
+            "filter": {(b, t) for (tb, b, _, t, _) in after.jumps if tb == "filter"},
+        },
+    )
     written = chains_written(p.text)
     assert len([c for c in written if c.startswith("KPROXY-SVC-")]) == 1
     assert len([c for c in written if c.startswith("KPROXY-SEP-")]) == 2  # the new one, and the removed one (flushed)
@@ -81,8 +93,15 @@ def test_golden_reference_layout() -> None:
         service("svc2", "ns2", type="NodePort", cluster_ip="172.30.0.42", node_port=3001),
         endpoint_slice("svc2", "ns2", endpoints=[endpoint("10.180.0.3")]),
         service(
-            "svc3", "ns3", type="LoadBalancer", cluster_ip="172.30.0.43", node_port=3003, etp="Local",
-            hc_node_port=30000, lb_ips=["1.2.3.4"], source_ranges=["203.0.113.0/25"],
+            "svc3",
+            "ns3",
+            type="LoadBalancer",
+            cluster_ip="172.30.0.43",
+            node_port=3003,
+            etp="Local",
+            hc_node_port=30000,
+            lb_ips=["1.2.3.4"],
+            source_ranges=["203.0.113.0/25"],
         ),
         endpoint_slice("svc3", "ns3", endpoints=[endpoint("10.180.0.4", "test-node"), endpoint("10.180.2.1")]),
     ]

@@ -15,8 +15,23 @@ ETP_LOCAL = replace(CLUSTER, external_policy_local=True, externally_accessible=T
 ITP_LOCAL = replace(CLUSTER, internal_policy_local=True)
 
 
-def ep(ip: str, node: str = "node-2", ready: bool = True, serving: bool = True, terminating: bool = False, zones: tuple[str, ...] = ()) -> Endpoint:
-    return Endpoint(ip=ip, port=80, ready=ready, serving=serving, terminating=terminating, node_name=node, zone_hints=frozenset(zones))
+def ep(
+    ip: str,
+    node: str = "node-2",
+    ready: bool = True,
+    serving: bool = True,
+    terminating: bool = False,
+    zones: tuple[str, ...] = (),
+) -> Endpoint:
+    return Endpoint(
+        ip=ip,
+        port=80,
+        ready=ready,
+        serving=serving,
+        terminating=terminating,
+        node_name=node,
+        zone_hints=frozenset(zones),
+    )
 
 
 def ips(eps: tuple[Endpoint, ...]) -> list[str]:
@@ -25,21 +40,65 @@ def ips(eps: tuple[Endpoint, ...]) -> list[str]:
 
 CASES = [
     ("ready only", CLUSTER, [ep("10.0.0.1"), ep("10.0.0.2", ready=False, serving=False)], ["10.0.0.1"], [], True),
-    ("terminating fallback", CLUSTER, [ep("10.0.0.1", ready=False, terminating=True), ep("10.0.0.2", ready=False, serving=False, terminating=True)], ["10.0.0.1"], [], True),
-    ("ready beats terminating", CLUSTER, [ep("10.0.0.1"), ep("10.0.0.2", ready=False, terminating=True)], ["10.0.0.1"], [], True),
+    (
+        "terminating fallback",
+        CLUSTER,
+        [ep("10.0.0.1", ready=False, terminating=True), ep("10.0.0.2", ready=False, serving=False, terminating=True)],
+        ["10.0.0.1"],
+        [],
+        True,
+    ),
+    (
+        "ready beats terminating",
+        CLUSTER,
+        [ep("10.0.0.1"), ep("10.0.0.2", ready=False, terminating=True)],
+        ["10.0.0.1"],
+        [],
+        True,
+    ),
     ("nothing serving", CLUSTER, [ep("10.0.0.2", ready=False, serving=False, terminating=True)], [], [], False),
-    ("etp local picks local", ETP_LOCAL, [ep("10.0.1.1", node="node-1"), ep("10.0.2.1")], ["10.0.1.1", "10.0.2.1"], ["10.0.1.1"], True),
+    (
+        "etp local picks local",
+        ETP_LOCAL,
+        [ep("10.0.1.1", node="node-1"), ep("10.0.2.1")],
+        ["10.0.1.1", "10.0.2.1"],
+        ["10.0.1.1"],
+        True,
+    ),
     ("etp local none here", ETP_LOCAL, [ep("10.0.2.1")], ["10.0.2.1"], [], True),
-    ("etp local terminating local", ETP_LOCAL, [ep("10.0.1.1", node="node-1", ready=False, terminating=True), ep("10.0.2.1")], ["10.0.2.1"], ["10.0.1.1"], True),
+    (
+        "etp local terminating local",
+        ETP_LOCAL,
+        [ep("10.0.1.1", node="node-1", ready=False, terminating=True), ep("10.0.2.1")],
+        ["10.0.2.1"],
+        ["10.0.1.1"],
+        True,
+    ),
     ("itp local none here", ITP_LOCAL, [ep("10.0.2.1")], [], [], True),
     ("zone hints used", CLUSTER, [ep("10.0.0.1", zones=("a",)), ep("10.0.0.2", zones=("b",))], ["10.0.0.1"], [], True),
-    ("zone hint missing on one", CLUSTER, [ep("10.0.0.1", zones=("a",)), ep("10.0.0.2")], ["10.0.0.1", "10.0.0.2"], [], True),
-    ("no hint for our zone", CLUSTER, [ep("10.0.0.1", zones=("b",)), ep("10.0.0.2", zones=("c",))], ["10.0.0.1", "10.0.0.2"], [], True),
+    (
+        "zone hint missing on one",
+        CLUSTER,
+        [ep("10.0.0.1", zones=("a",)), ep("10.0.0.2")],
+        ["10.0.0.1", "10.0.0.2"],
+        [],
+        True,
+    ),
+    (
+        "no hint for our zone",
+        CLUSTER,
+        [ep("10.0.0.1", zones=("b",)), ep("10.0.0.2", zones=("c",))],
+        ["10.0.0.1", "10.0.0.2"],
+        [],
+        True,
+    ),
 ]
 
 
 @pytest.mark.parametrize("case,svc,eps,cluster,local,has_any", CASES, ids=[c[0] for c in CASES])
-def test_categorize(case: str, svc: ServicePort, eps: list[Endpoint], cluster: list[str], local: list[str], has_any: bool) -> None:
+def test_categorize(
+    case: str, svc: ServicePort, eps: list[Endpoint], cluster: list[str], local: list[str], has_any: bool
+) -> None:
     sets = categorize(tuple(eps), svc, "node-1", "a")
     assert ips(sets.cluster) == cluster
     assert ips(sets.local) == local
