@@ -84,7 +84,7 @@ def run_one(n: int, variant: str, apply: bool) -> dict:
     eps = dict(view.endpoints)
     eps.update(changed.endpoints)
     t = time.perf_counter()
-    partial = ipt.render(ports, eps, ctx, previous=full)
+    partial = ipt.render(ports, eps, ctx, previous=full, changed=set(changed.endpoints))
     pplan = ipt.plan(
         partial,
         full.tables,

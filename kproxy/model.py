@@ -146,10 +146,12 @@ class Endpoint:
     zone: str = ""
     zone_hints: frozenset[str] = frozenset()
     node_hints: frozenset[str] = frozenset()
+    # "ip:port" ("[ip]:port" for IPv6): computed once, the renderers use it several times each.
+    addr: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def addr(self) -> str:
-        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+    def __post_init__(self) -> None:
+        addr = f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+        object.__setattr__(self, "addr", addr)
 
 
 @dataclass(frozen=True, slots=True)

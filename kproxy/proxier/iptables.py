@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import gc
 import ipaddress
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -127,14 +127,17 @@ def render(
     endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
     ctx: NodeContext,
     previous: Ruleset | None = None,
+    changed: Collection[ServicePortName] | None = None,
 ) -> Ruleset:
     """Desired state for one family. `ports` must already be this family's view.
 
-    With `previous`, a Service port whose inputs are the same objects (or equal) as last time
-    reuses its rendered rules: that is what makes a partial sync cost what changed.
+    With `previous`, a Service port whose inputs equal last time's reuses its rendered rules.
+    `changed`, when the caller knows it (the change trackers do), names the only Service ports
+    whose inputs may differ, so the others are reused without even being compared: that is
+    what makes a partial sync cost what changed.
     """
     with gc_paused():
-        return _render(ports, endpoints, ctx, previous)
+        return _render(ports, endpoints, ctx, previous, changed)
 
 
 def _render(
@@ -142,6 +145,7 @@ def _render(
     endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
     ctx: NodeContext,
     previous: Ruleset | None,
+    changed: Collection[ServicePortName] | None,
 ) -> Ruleset:
     large = sum(len(endpoints.get(n, ())) for n in ports) > LARGE_CLUSTER_ENDPOINTS
     prev_inputs = previous.inputs if previous is not None else {}
@@ -155,7 +159,14 @@ def _render(
         eps = endpoints.get(name, ())
         key = (svc, eps)
         old = prev_inputs.get(name)
-        if reuse_ok and old is not None and (old is key or (old[0] == svc and old[1] == eps)):
+        if (
+            reuse_ok
+            and old is not None
+            and (
+                (changed is not None and name not in changed)
+                or ((old[0] is svc or old[0] == svc) and (old[1] is eps or old[1] == eps))
+            )
+        ):
             services[name] = prev_rules[name]
             inputs[name] = old
             continue
@@ -276,6 +287,7 @@ def render_service(svc: ServicePort, eps: tuple[Endpoint, ...], ctx: NodeContext
 
     chains: list[tuple[str, tuple[str, ...]]] = []
     detector = ctx.local_detector
+    seps = {ep.addr: names.endpoint_chain(spn, ep.addr) for ep in sets.reachable}
 
     # Masquerading for ClusterIP traffic is written at the head of the internal policy chain.
     internal_head: list[str] = []
@@ -325,13 +337,13 @@ def render_service(svc: ServicePort, eps: tuple[Endpoint, ...], ctx: NodeContext
 
     if uses_cluster_chain:
         head = internal_head if internal_chain == svc_chain else []
-        chains.append((svc_chain, tuple(head + _balance(svc, spn_s, svc_chain, sets.cluster, large))))
+        chains.append((svc_chain, tuple(head + _balance(svc, spn_s, svc_chain, sets.cluster, seps, large))))
     if uses_local_chain:
         head = internal_head if internal_chain == svl_chain else []
-        chains.append((svl_chain, tuple(head + _balance(svc, spn_s, svl_chain, sets.local, large))))
+        chains.append((svl_chain, tuple(head + _balance(svc, spn_s, svl_chain, sets.local, seps, large))))
 
     for ep in sets.reachable:
-        sep = names.endpoint_chain(spn, ep.addr)
+        sep = seps[ep.addr]
         comment = "" if large else f"-m comment --comment {spn_s} "
         recent = f"-m recent --name {sep} --set " if svc.affinity_timeout else ""
         chains.append(
@@ -359,21 +371,22 @@ def render_service(svc: ServicePort, eps: tuple[Endpoint, ...], ctx: NodeContext
     )
 
 
-def _balance(svc: ServicePort, spn_s: str, chain: str, eps: tuple[Endpoint, ...], large: bool) -> list[str]:
+def _balance(
+    svc: ServicePort, spn_s: str, chain: str, eps: tuple[Endpoint, ...], seps: Mapping[str, str], large: bool
+) -> list[str]:
     rules = []
     n = len(eps)
     if svc.affinity_timeout:
         for ep in eps:
-            sep = names.endpoint_chain(svc.name, ep.addr)
+            sep = seps[ep.addr]
             comment = "" if large else f'-m comment --comment "{spn_s} -> {ep.addr}" '
             rules.append(
                 f"-A {chain} {comment}-m recent --name {sep} --rcheck --seconds {svc.affinity_timeout} --reap -j {sep}"
             )
     for i, ep in enumerate(eps):
-        sep = names.endpoint_chain(svc.name, ep.addr)
         comment = "" if large else f'-m comment --comment "{spn_s} -> {ep.addr}" '
         stat = f"-m statistic --mode random --probability {probability(n - i)} " if i < n - 1 else ""
-        rules.append(f"-A {chain} {comment}{stat}-j {sep}")
+        rules.append(f"-A {chain} {comment}{stat}-j {seps[ep.addr]}")
     return rules
 
 
@@ -499,7 +512,9 @@ def plan(
         else:
             # A chain someone else deleted is written again even if our rules did not change.
             write[table] = {
-                c for c, rules in chains.items() if old.get(c) != rules or (have is not None and c not in have)
+                c
+                for c, rules in chains.items()
+                if (old.get(c) is not rules and old.get(c) != rules) or (have is not None and c not in have)
             }
         stale = set(old) - set(chains)
         if have is not None:

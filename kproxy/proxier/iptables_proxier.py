@@ -7,6 +7,7 @@ chains that changed. Any failure forgets it, so the next sync is full, as upstre
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from kproxy import conntrack as ct_policy
@@ -14,6 +15,7 @@ from kproxy.backends.conntrack import Conntrack
 from kproxy.backends.host import set_sysctl
 from kproxy.backends.iptables import Iptables
 from kproxy.errors import BackendError
+from kproxy.model import ServicePortName
 from kproxy.proxier import iptables as ipt
 from kproxy.proxier.base import FamilyView, needs_route_localnet
 from kproxy.proxier.context import NodeContext
@@ -46,13 +48,27 @@ class IptablesProxier:
         self._last = None
         self._applied = None
 
-    def render(self, view: FamilyView, ctx: NodeContext, full: bool) -> ipt.Ruleset:
-        return ipt.render(view.ports, view.endpoints, ctx, previous=None if full else self._last)
+    def render(
+        self, view: FamilyView, ctx: NodeContext, full: bool, changed: Collection[ServicePortName] | None = None
+    ) -> ipt.Ruleset:
+        if full:
+            return ipt.render(view.ports, view.endpoints, ctx)
+        return ipt.render(view.ports, view.endpoints, ctx, previous=self._last, changed=changed)
 
-    def sync(self, view: FamilyView, ctx: NodeContext, *, full: bool = False, dry_run: bool = False) -> SyncResult:
+    def sync(
+        self,
+        view: FamilyView,
+        ctx: NodeContext,
+        *,
+        full: bool = False,
+        dry_run: bool = False,
+        changed: Collection[ServicePortName] | None = None,
+    ) -> SyncResult:
+        """One sync. `changed` (from the change trackers) names the only Service ports whose
+        objects changed since the last sync; None means "compare them all"."""
         full = full or self._applied is None
         t0 = time.perf_counter()
-        desired = self.render(view, ctx, full)
+        desired = self.render(view, ctx, full, changed)
         t1 = time.perf_counter()
         try:
             saved = self.iptables.save()

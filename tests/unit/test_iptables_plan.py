@@ -114,3 +114,20 @@ def test_golden_reference_layout() -> None:
     # The hashes are upstream's, under our prefix.
     for chain in ("KPROXY-SVC-XPGD46QRK7WJZT7O", "KPROXY-SEP-SXIVWICOYRO3J4NJ", "KPROXY-FW-X27LE4BHSL4DOUIK"):
         assert f":{chain} " in text
+
+
+def test_changed_set_limits_what_is_rendered_again() -> None:
+    from kproxy.proxier.base import family_view
+    from kproxy.state import build_state
+
+    before, ctx = render_objects(objects(), CFG)
+    objs = objects()
+    objs[1] = endpoint_slice("svc0", endpoints=[endpoint("10.0.2.99")])
+    objs[3] = endpoint_slice("svc1", endpoints=[endpoint("10.0.2.98")])
+    state, _ = build_state(objs)
+    view = family_view(state, ctx.family)
+    names = sorted(view.ports)
+    # The trackers say only svc0 changed: svc1 is not even looked at (its stale rules stay).
+    after = ipt.render(view.ports, view.endpoints, ctx, previous=before, changed={names[0]})
+    assert "10.0.2.99" in "".join(after.tables["nat"][c][-1] for c, _ in after.services[names[0]].nat_chains)
+    assert after.services[names[1]] is before.services[names[1]]
