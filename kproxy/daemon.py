@@ -1,0 +1,606 @@
+"""`kproxy run`: watch the API server and keep this node's kernel converged.
+
+Wiring: three reflectors (Services, EndpointSlices, this node's Node by field selector) feed the
+change trackers; a bounded-frequency runner calls `Daemon.sync` on its one thread; each sync
+programs one `IptablesProxier` per IP family of the kernel. Guarantees:
+
+- **Nothing is programmed before every resource has been listed once.** Until then no sync runs,
+  so a daemon that cannot reach the API server leaves the rules it found exactly as they are.
+- **Full syncs** happen first, after a failed sync, after this node's topology labels changed, and
+  when someone else deleted or flushed our rules: the canary chain (`KPROXY-PROXY-CANARY`, in
+  mangle, nat and filter, with one inert rule) is checked once per sync period, and every sync's
+  own chain listing is checked for a missing canary or missing jumps from the built-in chains
+  (then a full sync follows at once). Every other sync is partial: it writes only the chains whose
+  rules changed; a chain someone deleted is rewritten either way. So rules removed by hand are
+  back within one sync period (plus the minimum sync interval).
+- **Adoption.** A restarted daemon's first (full) sync rewrites every chain in one
+  ``iptables-restore --noflush`` transaction per family: rules are replaced atomically, nothing is
+  flushed first, and conntrack keeps established flows on their endpoints.
+- **An unreachable API server never flushes rules**: the trackers keep the last state, and the
+  periodic syncs (every sync period) keep programming it.
+- **Failures** (a refused transaction, a missing tool) are logged with their context, counted, mark
+  the families unhealthy-pending, and are retried as a full sync with backoff; they never stop the
+  daemon. A bug (any other exception) ends the sync thread loudly and the daemon exits 1.
+- **Configuration changes** restart: as kube-proxy, the daemon exits (status 1) when its
+  --config file changes, so the DaemonSet restarts it with the edited ConfigMap.
+- **SIGTERM** (`stop`) lets the sync in progress finish, stops the watches and servers, and leaves
+  every rule in place so traffic keeps flowing through a rolling upgrade.
+- **One log line per sync**: ``sync_complete`` with kind (full/partial), services, endpoints,
+  changed, render_ms, apply_ms (or ``sync_failed``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import structlog
+
+from kproxy import conntrack as ct_policy
+from kproxy.backends.conntrack import Conntrack
+from kproxy.backends.iptables import (
+    CANARY_CHAIN,
+    Iptables,
+    SavedState,
+    canary_intact,
+    detect_variant,
+    ensure_canary,
+)
+from kproxy.config import RunConfig
+from kproxy.errors import BackendError, KproxyError
+from kproxy.families import kernel_families
+from kproxy.health import ProxyHealth, ServiceHealthServers, serve_health
+from kproxy.httpd import HTTPServer
+from kproxy.metrics import ProxyMetrics
+from kproxy.metrics import serve as serve_metrics
+from kproxy.model import IPFamily, Node, family_of
+from kproxy.proxier.base import FamilyView, node_context
+from kproxy.proxier.context import NodeContext
+from kproxy.proxier.iptables import JUMPS
+from kproxy.proxier.iptables_proxier import IptablesProxier, SyncResult
+from kproxy.runner import BoundedFrequencyRunner, Clock, MonotonicClock
+from kproxy.tracker import ChangeTrackers, Checkout
+from kproxy.views import IncrementalView
+
+log = structlog.get_logger(__name__)
+
+Obj = dict[str, Any]
+RESOURCES = ("services", "endpointslices", "nodes")
+
+
+class Host(Protocol):
+    """What the daemon reads and sets on the node outside the proxiers (faked in tests)."""
+
+    def local_addresses(self, family: IPFamily) -> tuple[str, ...]: ...
+
+    def set_sysctl(self, name: str, value: str) -> bool: ...
+
+    def set_oom_score_adj(self, value: int) -> None: ...
+
+
+class RealHost:
+    def local_addresses(self, family: IPFamily) -> tuple[str, ...]:
+        from kproxy.backends.host import local_addresses
+
+        return local_addresses(family)
+
+    def set_sysctl(self, name: str, value: str) -> bool:
+        from kproxy.backends.host import set_sysctl
+
+        return set_sysctl(name, value)
+
+    def set_oom_score_adj(self, value: int) -> None:
+        from kproxy.backends.process import set_oom_score_adj
+
+        set_oom_score_adj(value)
+
+
+class CanaryHidden:
+    """The `Iptables` a proxier is given: the same, except that listings leave out the canary.
+
+    The plan garbage-collects every ``KPROXY-`` chain it did not render; the canary is ours too,
+    but it belongs to the daemon, not to the rendered ruleset, and must survive every sync.
+
+    It also reads, for free, what every sync's listing says about tampering: once our rules are
+    known to be in place (`expect_intact`), a missing canary chain (someone ran ``-X``) or a
+    missing jump from a built-in chain (someone flushed the table with ``-F``) sets `tampered`.
+    A partial sync cannot repair a flushed chain whose name still exists; the daemon follows up
+    with a full one at once instead of waiting for the periodic canary check.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.family = inner.family
+        self.variant = inner.variant
+        self.expect_intact = False
+        self.tampered = False
+
+    def save(self, tables: tuple[str, ...] = ("filter", "nat"), prefixes: tuple[str, ...] = ("KPROXY-",)) -> SavedState:
+        saved = self.inner.save(tables, prefixes)
+        if self.expect_intact and _tampered(saved, tables):
+            self.tampered = True
+        chains = {t: names - {CANARY_CHAIN} for t, names in saved.chains.items()}
+        return SavedState(chains, saved.jumps, saved.jump_rules)
+
+    def restore(self, text: str) -> None:
+        self.inner.restore(text)
+
+
+def _tampered(saved: SavedState, tables: tuple[str, ...]) -> bool:
+    for table in tables:
+        if CANARY_CHAIN not in saved.chains.get(table, {CANARY_CHAIN}):
+            return True
+        jumps = saved.jumps.get(table, set())
+        if any((builtin, target) not in jumps for t, builtin, _, target, _ in JUMPS if t == table):
+            return True
+    return False
+
+
+@dataclass
+class FamilyPlane:
+    """The data plane of one IP family: its iptables (real or fake), conntrack, and the canary."""
+
+    family: IPFamily
+    iptables: Any  # Iptables, or kproxy.testing.fakeiptables.FakeIptables
+    conntrack: Conntrack | None = None
+    canary_check: Callable[[Any], bool] = canary_intact
+    canary_create: Callable[[Any], None] = ensure_canary
+    proxier: IptablesProxier = field(init=False)
+
+    listing: CanaryHidden = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.listing = CanaryHidden(self.iptables)
+        # Conntrack cleanup is the daemon's (only when UDP endpoints changed), not the proxier's.
+        self.proxier = IptablesProxier(self.listing, None)  # type: ignore[arg-type]
+
+
+def real_planes(variant: str) -> dict[IPFamily, FamilyPlane]:
+    return {f: FamilyPlane(f, Iptables(f, variant), Conntrack(f)) for f in kernel_families()}
+
+
+class Daemon:
+    """The per-node daemon: see the module docstring. `run` is the whole life cycle."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        planes: Mapping[IPFamily, FamilyPlane],
+        client_configuration: Any,
+        *,
+        host: Host | None = None,
+        metrics: ProxyMetrics | None = None,
+        clock: Clock | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        reflector_options: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.planes = dict(planes)
+        self._client_configuration = client_configuration
+        self._host: Host = host if host is not None else RealHost()
+        self.metrics = metrics if metrics is not None else ProxyMetrics()
+        self._clock: Clock = clock if clock is not None else MonotonicClock()
+        self._wall = wall_clock
+        # A factory: each reflector needs its own options (a Backoff is stateful).
+        self._reflector_options = reflector_options or dict
+        p = cfg.proxy
+        self.health = ProxyHealth(2 * p.sync_period, clock=wall_clock, metrics=self.metrics)
+        self.hc_servers = ServiceHealthServers(self.health, p.node_name)
+        self.trackers = ChangeTrackers(
+            p.node_name, self.metrics, service_proxy_name=p.service_proxy_name, wall_clock=wall_clock
+        )
+        self.runner = BoundedFrequencyRunner(
+            "sync",
+            self.sync,
+            min_interval=p.min_sync_period,
+            max_interval=max(p.sync_period, p.min_sync_period),
+            # Retry a failed sync soon, then back off to the sync period (runner doubles it).
+            retry_interval=min(max(p.min_sync_period, 1.0), p.sync_period),
+            clock=self._clock,
+        )
+        self._views = {f: IncrementalView(f) for f in self.planes}
+        self._lock = threading.Lock()
+        self._synced: set[str] = set()
+        self._initialized = threading.Event()
+        self._need_full = True
+        self._tamper_follow_up = False
+        self._first_done = False
+        self._conntrack_pending = True
+        self._pending_triggers: list[float] = []
+        self._next_canary_check = 0.0
+        self._reflectors: list[Any] = []
+        self._servers: list[HTTPServer] = []
+        self.syncs = 0
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind the servers, apply the host settings, start watching. Syncs start once listed."""
+        self._start_servers()
+        self.apply_host_settings()
+        from kproxy.sources.kube import ENDPOINT_SLICES, NODES, SERVICES, informer, name_selector
+
+        config, opts = self._client_configuration, self._reflector_options
+        node_selector = name_selector(self.cfg.proxy.node_name)
+        self._reflectors = [
+            informer(SERVICES, config, self, **opts())[0],
+            informer(ENDPOINT_SLICES, config, self, **opts())[0],
+            informer(NODES, config, self, field_selector=node_selector, **opts())[0],
+        ]
+        for reflector in self._reflectors:
+            reflector.start()
+        log.info(
+            "kproxy_started",
+            node=self.cfg.proxy.node_name,
+            mode=self.cfg.proxy.mode,
+            families=[int(f) for f in self.planes],
+            sync_period=self.cfg.proxy.sync_period,
+            min_sync_period=self.cfg.proxy.min_sync_period,
+            healthz=self.cfg.healthz_bind_address,
+            metrics=self.cfg.metrics_bind_address,
+        )
+
+    def stop(self) -> None:
+        """Stop watching and syncing (after the sync in progress); the rules stay in place."""
+        for reflector in self._reflectors:
+            reflector.stop()
+        self.runner.stop()
+        self.hc_servers.stop()
+        for server in self._servers:
+            server.stop()
+        self._servers = []
+        log.info("kproxy_stopped", syncs=self.syncs)
+
+    def crashed(self) -> BaseException | None:
+        """The bug that ended a reflector or the sync thread, if one did."""
+        if self.runner.error is not None:
+            return self.runner.error
+        return next((r.error for r in self._reflectors if r.error is not None), None)
+
+    def run(self, stop: threading.Event, check_every: float = 1.0) -> int:
+        """Run until `stop` is set (0), a bug ends a thread (1), or the --config file changes (1).
+
+        The last is kube-proxy's behaviour: an edited ConfigMap takes effect by a restart, which
+        the exit status makes the DaemonSet do. The rules stay in place meanwhile.
+        """
+        config_stamp = _file_stamp(self.cfg.config_file)
+        self.start()
+        try:
+            while not stop.wait(check_every):
+                if self.crashed() is not None:
+                    return 1
+                if _file_stamp(self.cfg.config_file) != config_stamp:
+                    log.error("config_file_changed", path=self.cfg.config_file)
+                    return 1
+            return 0
+        finally:
+            self.stop()
+
+    @property
+    def reflectors(self) -> tuple[Any, ...]:
+        """The Services, EndpointSlices and Node reflectors, in that order (once started)."""
+        return tuple(self._reflectors)
+
+    def wait_initialized(self, timeout: float) -> bool:
+        return self._initialized.wait(timeout)
+
+    def _start_servers(self) -> None:
+        servers: list[tuple[str, str, Callable[[str], HTTPServer]]] = [
+            ("healthz", self.cfg.healthz_bind_address, lambda a: serve_health(self.health, a)),
+            ("metrics", self.cfg.metrics_bind_address, lambda a: serve_metrics(self.metrics, a, self.cfg.proxy.mode)),
+        ]
+        for what, address, start in servers:
+            if not address:
+                continue
+            try:
+                self._servers.append(start(address))
+            except OSError as e:
+                if self.cfg.bind_address_hard_fail:
+                    for server in self._servers:
+                        server.stop()
+                    raise KproxyError(f"cannot serve {what} on {address}: {e}") from e
+                log.error("server_bind_failed", server=what, address=address, error=str(e))
+
+    def apply_host_settings(self) -> None:
+        """OOM score and conntrack sysctls, as kube-proxy; a refusal is logged, never fatal."""
+        cfg = self.cfg
+        if cfg.oom_score_adj is not None:
+            try:
+                self._host.set_oom_score_adj(cfg.oom_score_adj)
+            except BackendError as e:
+                log.warning("host_setting_failed", setting="oom_score_adj", error=str(e))
+        ct = cfg.conntrack
+        sysctls = {
+            "net/netfilter/nf_conntrack_tcp_timeout_established": ct.tcp_established_timeout,
+            "net/netfilter/nf_conntrack_tcp_timeout_close_wait": ct.tcp_close_wait_timeout,
+            "net/netfilter/nf_conntrack_udp_timeout": ct.udp_timeout,
+            "net/netfilter/nf_conntrack_udp_timeout_stream": ct.udp_stream_timeout,
+            "net/netfilter/nf_conntrack_tcp_be_liberal": 1 if ct.tcp_be_liberal else None,
+        }
+        for name, value in sysctls.items():
+            if value is None:
+                continue
+            try:
+                self._host.set_sysctl(name, str(int(round(value))))
+            except BackendError as e:
+                log.warning("host_setting_failed", setting=name, error=str(e))
+
+    # -- handlers (reflector threads) ----------------------------------------------------------
+
+    def on_service_add(self, obj: Obj) -> None:
+        self._changed(self.trackers.services.update(None, obj))
+
+    def on_service_update(self, old: Obj, new: Obj) -> None:
+        self._changed(self.trackers.services.update(old, new))
+
+    def on_service_delete(self, obj: Obj) -> None:
+        self._changed(self.trackers.services.update(obj, None))
+
+    def on_service_synced(self) -> None:
+        self._listed("services")
+
+    def on_endpoint_slice_add(self, obj: Obj) -> None:
+        self._changed(self.trackers.slices.update(None, obj))
+
+    def on_endpoint_slice_update(self, old: Obj, new: Obj) -> None:
+        self._changed(self.trackers.slices.update(old, new))
+
+    def on_endpoint_slice_delete(self, obj: Obj) -> None:
+        self._changed(self.trackers.slices.update(obj, None))
+
+    def on_endpoint_slice_synced(self) -> None:
+        self._listed("endpointslices")
+
+    def on_node_add(self, obj: Obj) -> None:
+        self._node_event(None, obj)
+
+    def on_node_update(self, old: Obj, new: Obj) -> None:
+        self._node_event(old, new)
+
+    def on_node_delete(self, obj: Obj) -> None:
+        self._node_event(obj, None)
+
+    def on_node_synced(self) -> None:
+        self._listed("nodes")
+
+    def _node_event(self, old: Obj | None, new: Obj | None) -> None:
+        changed = self.trackers.node.update(old, new)
+        self.health.set_node(self.trackers.node.node)
+        self._changed(changed)
+
+    def _listed(self, resource: str) -> None:
+        with self._lock:
+            self._synced.add(resource)
+            ready = self._synced >= set(RESOURCES) and not self._initialized.is_set()
+            if ready:
+                self._initialized.set()
+        if ready:
+            log.info("initial_list_complete", resources=list(RESOURCES))
+            self.runner.start()
+            self.runner.run()  # the first (full) sync, at once
+
+    def _changed(self, changed: bool) -> None:
+        if not changed or not self._initialized.is_set():
+            return  # before the first complete list the first sync will see everything anyway
+        for family in self.planes:
+            self.health.queued(family)
+        self.metrics.last_queued_timestamp.set(self._wall())
+        self.runner.run()
+
+    # -- the sync (runner thread) --------------------------------------------------------------
+
+    def sync(self) -> bool:
+        """One sync of every family; False when it must be retried (as a full sync)."""
+        started = time.perf_counter()
+        snap = self.trackers.checkout()
+        self._conntrack_pending = self._conntrack_pending or snap.udp_changed
+        self._pending_triggers.extend(t for times in snap.trigger_times.values() for t in times)
+        node = snap.state.nodes.get(self.cfg.proxy.node_name)
+        reason = self._full_sync_reason(snap)
+        full = bool(reason)
+        # Every family's view takes this checkout's changes before any family syncs: a failure
+        # half-way must not leave a view behind the trackers.
+        views = {f: v.update(snap.state, snap.changed, snap.slices_by_service) for f, v in self._views.items()}
+        contexts = {f: self._context(f, node) for f in self.planes}
+        results: list[SyncResult] = []
+        try:
+            for family, plane in self.planes.items():
+                results.append(plane.proxier.sync(views[family], contexts[family], full=full))
+                self.health.updated(family)
+            if full:
+                for plane in self.planes.values():
+                    plane.canary_create(plane.iptables)
+                    plane.listing.expect_intact = True
+        except BackendError as e:
+            return self._failed(e, full, started, len(snap.changed))
+        self._need_full = False
+        self._first_done = True
+        self._after_sync(snap, views, contexts)
+        self._observe(results, snap, started, full, reason)
+        self._follow_up_if_tampered(full)
+        return True
+
+    def _follow_up_if_tampered(self, full: bool) -> None:
+        tampered = [p.family for p in self.planes.values() if p.listing.tampered]
+        for plane in self.planes.values():
+            plane.listing.tampered = False
+        if tampered and not full:  # a full sync has just rewritten everything anyway
+            log.warning("rules_tampered", families=[int(f) for f in tampered], chain=CANARY_CHAIN)
+            self._need_full = True
+            self._tamper_follow_up = True
+            self.runner.run()
+
+    def _full_sync_reason(self, snap: Checkout) -> str:
+        """Why this sync must be full, or "" for a partial one."""
+        if self._tamper_follow_up:
+            self._tamper_follow_up = False
+            return "tampered"
+        if self._need_full:
+            return "retry" if self._first_done else "start"
+        if snap.topology_changed:
+            return "topology"
+        if self._canary_missing():
+            return "canary"
+        return ""
+
+    def _context(self, family: IPFamily, node: Node | None) -> NodeContext:
+        ctx = node_context(self.cfg.proxy, family, node, self._host.local_addresses(family))
+        bind = self.cfg.bind_address
+        if bind and family_of(bind) == family and not ipaddress.ip_address(bind).is_unspecified:
+            ctx = replace(ctx, node_ip=bind)  # --bind-address: the node's primary IP, as upstream
+        return ctx
+
+    def _canary_missing(self) -> bool:
+        now = self._clock.now()
+        if now < self._next_canary_check:
+            return False
+        self._next_canary_check = now + self.cfg.proxy.sync_period
+        for plane in self.planes.values():
+            try:
+                if not plane.canary_check(plane.iptables):
+                    log.warning("canary_missing", family=int(plane.family), chain=CANARY_CHAIN)
+                    return True
+            except BackendError as e:
+                log.warning("canary_check_failed", family=int(plane.family), error=str(e))
+        return False
+
+    def _failed(self, error: BackendError, full: bool, started: float, changed: int) -> bool:
+        self._need_full = True
+        self.metrics.restore_failures.inc()
+        if not full:
+            self.metrics.partial_restore_failures.inc()
+        for family in self.planes:
+            # Not converged: /healthz turns 503 if the retries do not succeed within the timeout.
+            self.health.queued(family)
+        self.syncs += 1
+        log.error(
+            "sync_failed",
+            kind="full" if full else "partial",
+            changed=changed,
+            error=str(error),
+            duration_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        return False
+
+    def _after_sync(
+        self, snap: Checkout, views: Mapping[IPFamily, FamilyView], contexts: Mapping[IPFamily, NodeContext]
+    ) -> None:
+        if self._conntrack_pending:
+            self._conntrack_pending = not self._clean_conntrack(views, contexts)
+        wanted = {
+            svc.key: sp.health_check_node_port
+            for svc in snap.state.services.values()
+            for sp in svc.ports
+            if sp.health_check_node_port
+        }
+        addresses: tuple[str, ...] = ()
+        if self.cfg.proxy.nodeport_addresses:
+            addresses = tuple(sorted({ip for c in contexts.values() for ip in (c.nodeport_ips or ())}))
+        self.hc_servers.sync_services(wanted, addresses)
+        self.hc_servers.sync_endpoints(local_ready_endpoints(views.values(), wanted, self.cfg.proxy.node_name))
+
+    def _clean_conntrack(self, views: Mapping[IPFamily, FamilyView], contexts: Mapping[IPFamily, NodeContext]) -> bool:
+        ok = True
+        for family, plane in self.planes.items():
+            if plane.conntrack is None:
+                continue
+            ctx, view = contexts[family], views[family]
+            local = ctx.nodeport_ips if ctx.nodeport_ips is not None else ctx.local_ips
+            try:
+                stale = ct_policy.stale_flows(plane.conntrack.list(), view.ports, view.endpoints, local)
+                if stale:
+                    deleted = plane.conntrack.delete(stale)
+                    log.info("conntrack_cleaned", family=int(family), deleted=deleted)
+            except BackendError as e:
+                ok = False
+                log.warning("conntrack_cleanup_failed", family=int(family), error=str(e))
+        return ok
+
+    def _observe(self, results: list[SyncResult], snap: Checkout, started: float, full: bool, reason: str) -> None:
+        elapsed = time.perf_counter() - started
+        kind_full = full or any(r.full for r in results)
+        m = self.metrics
+        m.sync_duration.observe(elapsed)
+        (m.sync_full_duration if kind_full else m.sync_partial_duration).observe(elapsed)
+        now = self._wall()
+        m.last_timestamp.set(now)
+        for t in self._pending_triggers:
+            if now >= t:
+                m.network_programming.observe(now - t)
+        self._pending_triggers.clear()
+        # Dual stack counts a Service once per family; the larger family count is the Service count.
+        m.no_local_endpoints.labels("internal").set(max((r.no_local_internal for r in results), default=0))
+        m.no_local_endpoints.labels("external").set(max((r.no_local_external for r in results), default=0))
+        self.syncs += 1
+        log.info(
+            "sync_complete",
+            kind="full" if kind_full else "partial",
+            reason=reason or None,
+            services=len(snap.state.services),
+            service_ports=sum(r.services for r in results),
+            endpoints=sum(r.endpoints for r in results),
+            changed=len(snap.changed),
+            written=sum(sum(r.written.values()) for r in results),
+            deleted=sum(sum(r.deleted.values()) for r in results),
+            render_ms=round(sum(r.render_seconds for r in results) * 1000, 1),
+            apply_ms=round(sum(r.apply_seconds for r in results) * 1000, 1),
+            duration_ms=round(elapsed * 1000, 1),
+        )
+
+
+def _file_stamp(path: str) -> tuple[int, int, int, int] | None:
+    """What tells a changed file: its identity, size and modification time (None: no file)."""
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0, 0)
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+
+
+def local_ready_endpoints(
+    views: Any, services: Mapping[tuple[str, str], int], node_name: str
+) -> dict[tuple[str, str], int]:
+    """Ready, non-terminating endpoints on this node per Service, counted by IP (upstream's
+    LocalReadyEndpoints: one pod serving two ports is one endpoint). Per family, the larger."""
+    counts: dict[tuple[str, str], int] = {}
+    for view in views:
+        ips: dict[tuple[str, str], set[str]] = {}
+        for name, eps in view.endpoints.items():
+            key = name.service_key
+            if key not in services:
+                continue
+            for ep in eps:
+                if ep.ready and not ep.terminating and ep.node_name == node_name:
+                    ips.setdefault(key, set()).add(ep.ip)
+        for key, found in ips.items():
+            counts[key] = max(counts.get(key, 0), len(found))
+    return counts
+
+
+def build_daemon(cfg: RunConfig, **options: Any) -> Daemon:
+    """The daemon with the real kernel backends and API client for `cfg`."""
+    from kproxy.sources.kube import load_client_configuration
+
+    configuration = load_client_configuration(cfg.kubeconfig or None)
+    if cfg.master:
+        configuration.host = cfg.master
+    variant = cfg.proxy.iptables_backend or detect_variant()
+    return Daemon(cfg, real_planes(variant), configuration, metrics=ProxyMetrics(process=True), **options)
+
+
+__all__ = [
+    "Daemon",
+    "FamilyPlane",
+    "Host",
+    "RealHost",
+    "build_daemon",
+    "local_ready_endpoints",
+    "real_planes",
+]

@@ -1,0 +1,165 @@
+"""Prometheus metrics with kube-proxy's names, types, help texts and buckets.
+
+Guarantees:
+- Every kube-proxy metric kproxy can report has upstream's name (subsystem ``kubeproxy``), type and
+  buckets, so existing dashboards and alerts keep working: sync durations (1 ms × 2^0..14), the
+  network programming latency (upstream's 0, 0.25 s … 5 min buckets), last synced and last queued
+  timestamps, pending and total changes, restore failures, no-local-endpoint gauges, and the
+  healthz/livez counters. kproxy's own series carry the ``kproxy_`` prefix.
+- Each `ProxyMetrics` has its own registry (tests build as many as they like); `serve` exposes one
+  on ``/metrics`` in the text format, with ``/healthz`` and ``/proxyMode`` as kube-proxy's metrics
+  server has them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from kproxy.httpd import TEXT, HTTPServer, Response, listen
+
+# Upstream exports no *_created series; neither do we (process-wide switch of prometheus_client).
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+SYNC_BUCKETS = tuple(0.001 * 2**i for i in range(15))
+# pkg/proxy/metrics: merge() starts from a zero bucket, then 0.25 s, 0.5 s, 1..59 s, 60..115 s by 5,
+# 120..300 s by 30.
+NETWORK_PROGRAMMING_BUCKETS = (
+    (0.0, 0.25, 0.5)
+    + tuple(float(s) for s in range(1, 60))
+    + tuple(float(s) for s in range(60, 120, 5))
+    + tuple(float(s) for s in range(120, 301, 30))
+)
+
+
+class ProxyMetrics:
+    """The metrics of one kproxy process (or one test), in their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = False) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        if process:
+            ProcessCollector(registry=r)
+        ns = "kubeproxy"
+        self.sync_duration = Histogram(
+            "sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            namespace=ns,
+            buckets=SYNC_BUCKETS,
+            registry=r,
+        )
+        self.sync_full_duration = Histogram(
+            "sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for full resyncs",
+            namespace=ns,
+            buckets=SYNC_BUCKETS,
+            registry=r,
+        )
+        self.sync_partial_duration = Histogram(
+            "sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for partial resyncs",
+            namespace=ns,
+            buckets=SYNC_BUCKETS,
+            registry=r,
+        )
+        self.network_programming = Histogram(
+            "network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            namespace=ns,
+            buckets=NETWORK_PROGRAMMING_BUCKETS,
+            registry=r,
+        )
+        self.last_timestamp = Gauge(
+            "sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            namespace=ns,
+            registry=r,
+        )
+        self.last_queued_timestamp = Gauge(
+            "sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+            namespace=ns,
+            registry=r,
+        )
+        self.endpoint_changes_pending = Gauge(
+            "sync_proxy_rules_endpoint_changes_pending",
+            "Pending proxy rules Endpoint changes",
+            namespace=ns,
+            registry=r,
+        )
+        self.endpoint_changes_total = Counter(
+            "sync_proxy_rules_endpoint_changes_total",
+            "Cumulative proxy rules Endpoint changes",
+            namespace=ns,
+            registry=r,
+        )
+        self.service_changes_pending = Gauge(
+            "sync_proxy_rules_service_changes_pending",
+            "Pending proxy rules Service changes",
+            namespace=ns,
+            registry=r,
+        )
+        self.service_changes_total = Counter(
+            "sync_proxy_rules_service_changes_total",
+            "Cumulative proxy rules Service changes",
+            namespace=ns,
+            registry=r,
+        )
+        self.restore_failures = Counter(
+            "sync_proxy_rules_iptables_restore_failures_total",
+            "Cumulative proxy iptables restore failures",
+            namespace=ns,
+            registry=r,
+        )
+        self.partial_restore_failures = Counter(
+            "sync_proxy_rules_iptables_partial_restore_failures_total",
+            "Cumulative proxy iptables partial restore failures",
+            namespace=ns,
+            registry=r,
+        )
+        # A gauge despite its name, as upstream.
+        self.no_local_endpoints = Gauge(
+            "sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            ["traffic_policy"],
+            namespace=ns,
+            registry=r,
+        )
+        self.healthz_total = Counter(
+            "proxy_healthz_total", "Cumulative proxy healthz HTTP status", ["code"], namespace=ns, registry=r
+        )
+        self.livez_total = Counter(
+            "proxy_livez_total", "Cumulative proxy livez HTTP status", ["code"], namespace=ns, registry=r
+        )
+        self.invalid_objects = Counter(
+            "kproxy_invalid_objects_total",
+            "API objects skipped because they could not be converted",
+            ["kind"],
+            registry=r,
+        )
+        # Upstream pre-creates both label values; a dashboard then sees zeros, not gaps.
+        for policy in ("internal", "external"):
+            self.no_local_endpoints.labels(policy).set(0)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def serve(metrics: ProxyMetrics, address: str, mode: str = "iptables") -> HTTPServer:
+    """Serve ``/metrics`` (and ``/healthz``, ``/proxyMode``) on `address`; OSError if it is taken."""
+    return listen(
+        address,
+        {
+            "/metrics": lambda: Response(200, CONTENT_TYPE_LATEST, metrics.exposition()),
+            "/healthz": lambda: Response(200, TEXT, b"ok"),
+            "/proxyMode": lambda: Response(200, TEXT, mode.encode()),
+        },
+    )

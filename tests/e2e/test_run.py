@@ -1,0 +1,372 @@
+"""`kproxy run` end to end: the real daemon in node-1's namespace, the fake API server, real packets.
+
+The lab is one node with two pods and an outside client (the shared IP plan: node-1 192.168.0.2,
+pods 10.0.1.11 and 10.0.1.12, client 192.168.0.101 routed through node-1). The fake API server is
+created from a thread inside node-1's namespace, so its socket lives there and kproxy reaches it
+on 127.0.0.1; the test drives it from here. kproxy runs as a subprocess (``ip netns exec``), logs
+JSON lines to a file the tests read, and is sent SIGTERM like a DaemonSet pod.
+
+The tests share one lab and one API server and run in order: each starts from the converged state
+the previous one left (ClusterIP 172.30.0.10 served by both pods). Every wait polls a condition
+with a deadline; nothing sleeps. Everything is stopped and the lab removed at the end.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kproxy.lab import Lab
+from kproxy.testing.builders import endpoint, endpoint_slice, node, service
+from kproxy.testing.fakeapi import FakeAPIServer
+from kproxy.testing.netns import EchoServer, ProbeResult, Sender, call_in, probe, probe_many, wait_for
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables") is None,
+        reason="end-to-end tests need root, iproute2 and iptables (network namespaces)",
+    ),
+]
+
+KPROXY = str(Path(sys.executable).with_name("kproxy"))
+VIP = "172.30.0.10"
+PORT = 8080
+SYNC_PERIOD = 2.0
+CONVERGE = 15.0  # deadline for a change to show in the data plane; a passing test needs ~1 s
+HC_PORT = 32100
+BOTH = {"pod-1a", "pod-1b"}
+
+
+def slice_for(*pods: str, name: str = "web-1") -> dict[str, Any]:
+    lab = Lab(prefix="unused")  # the address plan only
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "web"},
+            "annotations": {
+                "endpoints.kubernetes.io/last-change-trigger-time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            },
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "tcp", "port": PORT, "protocol": "TCP"}, {"name": "udp", "port": PORT, "protocol": "UDP"}],
+        "endpoints": [endpoint(lab.pod(p).ipv4, lab.pod(p).node) for p in pods],
+    }
+
+
+WEB = service(
+    "web",
+    "default",
+    cluster_ip=VIP,
+    ports=[{"name": "tcp", "port": 80, "protocol": "TCP"}, {"name": "udp", "port": 80, "protocol": "UDP"}],
+)
+
+
+@dataclass
+class Kproxy:
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            if line.startswith("{"):
+                event = json.loads(line)
+                if name is None or event.get("event") == name:
+                    out.append(event)
+        return out
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+@dataclass
+class Env:
+    lab: Lab
+    api: FakeAPIServer
+    tmp: Path
+    kproxies: list[Kproxy] = field(default_factory=list)
+    _variant: str = ""
+
+    @property
+    def node(self) -> str:
+        return self.lab.node(1).ns
+
+    @property
+    def client(self) -> str:
+        return self.lab.client(1).ns
+
+    @property
+    def kproxy(self) -> Kproxy:
+        return self.kproxies[-1]
+
+    def start_kproxy(self) -> Kproxy:
+        log = self.tmp / f"kproxy-{len(self.kproxies) + 1}.log"
+        kubeconfig = self.api.write_kubeconfig(self.tmp / "kubeconfig")
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            self.node,
+            KPROXY,
+            "run",
+            f"--kubeconfig={kubeconfig}",
+            "--hostname-override=node-1",
+            "--cluster-cidr=10.0.0.0/8,fd00:10::/32",
+            f"--iptables-sync-period={SYNC_PERIOD:g}s",
+            "--iptables-min-sync-period=100ms",
+            "--v=2",
+        ]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        kp = Kproxy(proc, log)
+        self.kproxies.append(kp)
+        return kp
+
+    def iptables(self, *args: str) -> str:
+        return self.lab.run(self.node, [f"iptables-{self.variant()}", *args]).stdout
+
+    def variant(self) -> str:
+        """The iptables backend kproxy chose in node-1 (found once, where its chains are)."""
+        if not self._variant:
+            for variant in ("nft", "legacy"):
+                done = self.lab.run(self.node, [f"iptables-{variant}-save", "-t", "nat"], check=False)
+                if "KPROXY-SERVICES" in done.stdout:
+                    self._variant = variant
+                    break
+            else:
+                raise AssertionError("no KPROXY chains in either iptables backend")
+        return self._variant
+
+    def get(self, port: int, path: str) -> tuple[int, bytes]:
+        """GET http://127.0.0.1:port/path from inside node-1."""
+
+        def fetch() -> tuple[int, bytes]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request("GET", path)
+                resp = conn.getresponse()
+                return resp.status, resp.read()
+            finally:
+                conn.close()
+
+        return call_in(self.node, fetch)
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        code, body = self.get(10249, "/metrics")
+        assert code == 200
+        for family in text_string_to_metric_families(body.decode()):
+            for s in family.samples:
+                if s.name == name and s.labels == labels:
+                    return float(s.value)
+        return None
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    with Lab(prefix=f"kt{os.getpid()}e", nodes=1, pods_per_node=2, clients=1) as lab:
+        servers = [EchoServer(pod, PORT, proto="both").start() for pod in lab.all_pods]
+        # The API server's listening socket is created inside node-1, where kproxy runs.
+        api = call_in(lab.node(1).ns, FakeAPIServer().start)
+        env = Env(lab, api, tmp)
+        try:
+            api.create("nodes", node(addresses=["192.168.0.2", "fd00:192:168::2"], pod_cidrs=["10.0.1.0/24"]))
+            env.start_kproxy()
+            yield env
+        finally:
+            codes = [kp.stop() for kp in env.kproxies]
+            api.stop()
+            for s in servers:
+                s.stop()
+            assert all(s.errors == [] for s in servers)
+        assert codes[-1] == 0
+
+
+def answered_by(env: Env, count: int = 10) -> set[str] | None:
+    """Which pods answered `count` new TCP connections to the ClusterIP; None if any failed."""
+    results = probe_many(env.client, VIP, 80, count=count, timeout=0.5)
+    return results.names() if all(r.answered for r in results) else None
+
+
+def converges_to(env: Env, pods: set[str], why: str) -> None:
+    wait_for(lambda: answered_by(env) == pods, timeout=CONVERGE, message=why)
+
+
+# -- the scenarios, in order ------------------------------------------------------------------
+
+
+def test_traffic_flows_to_a_new_service(env: Env) -> None:
+    env.api.create("services", WEB)
+    env.api.create("endpointslices", slice_for("pod-1a", "pod-1b"))
+    converges_to(env, BOTH, "ClusterIP served by both pods")
+    first = env.kproxy.events("sync_complete")[0]
+    assert (first["kind"], first["reason"]) == ("full", "start")
+
+
+def test_a_removed_endpoint_leaves(env: Env) -> None:
+    env.api.update("endpointslices", slice_for("pod-1a"))
+    converges_to(env, {"pod-1a"}, "only pod-1a left")
+    env.api.update("endpointslices", slice_for("pod-1a", "pod-1b"))
+    converges_to(env, BOTH, "pod-1b back")
+
+
+def test_an_expired_watch_relists_and_stays_converged(env: Env) -> None:
+    lists = len(env.api.requests("list", "endpointslices"))
+    with env.api.batch():  # no watch sees this change: it is only in the list after the 410
+        env.api.update("endpointslices", slice_for("pod-1b"))
+        env.api.expire_history()
+    converges_to(env, {"pod-1b"}, "the change found by the relist")
+    assert len(env.api.requests("list", "endpointslices")) > lists
+    env.api.update("endpointslices", slice_for("pod-1a", "pod-1b"))
+    converges_to(env, BOTH, "both pods again")
+
+
+def test_health_metrics_and_health_check_node_port(env: Env) -> None:
+    env.api.create(
+        "services",
+        service(
+            "lb",
+            "default",
+            type="LoadBalancer",
+            cluster_ip="172.30.0.20",
+            node_port=30080,
+            lb_ips=["198.51.100.10"],
+            etp="Local",
+            hc_node_port=HC_PORT,
+        ),
+    )
+    pods = [env.lab.pod("pod-1a"), env.lab.pod("pod-1b")]
+    env.api.create(
+        "endpointslices",
+        endpoint_slice("lb", "default", name="lb-1", port=PORT, endpoints=[endpoint(p.ipv4, p.node) for p in pods]),
+    )
+    env.api.create("services", service("broken", "default", cluster_ip="172.30.0.30", protocol="HTTP"))
+
+    def hc() -> tuple[int, bytes] | None:
+        try:
+            answer = env.get(HC_PORT, "/")
+        except OSError:
+            return None  # not listening yet
+        return answer if answer[0] == 200 else None  # 503 until the endpoints are synced too
+
+    answer = wait_for(hc, timeout=CONVERGE, message="health-check node port answering 200")
+    assert answer is not None
+    body = answer[1]
+    assert json.loads(body) == {
+        "service": {"namespace": "default", "name": "lb"},
+        "localEndpoints": 2,
+        "serviceProxyHealthy": True,
+    }
+
+    code, body = env.get(10256, "/healthz")
+    doc = json.loads(body)
+    assert code == 200
+    assert doc["healthy"] is True and doc["nodeEligible"] is True
+    assert set(doc["status"]) == {"IPv4", "IPv6"}
+    code, body = env.get(10256, "/livez")
+    assert code == 200 and "nodeEligible" not in json.loads(body)
+
+    assert (env.metric("kubeproxy_sync_proxy_rules_duration_seconds_count") or 0) >= 3
+    assert (env.metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds") or 0) > time.time() - 60
+    assert (env.metric("kubeproxy_network_programming_duration_seconds_count") or 0) >= 1
+    assert env.metric("kubeproxy_proxy_healthz_total", code="200") == 1
+    assert env.metric("kproxy_invalid_objects_total", kind="Service") == 1
+    assert env.get(10249, "/proxyMode") == (200, b"iptables")
+    assert env.kproxy.events("object_invalid")[0]["object"] == "Service default/broken"
+
+
+@pytest.mark.parametrize("how", [("-F",), ("-F", "-X")], ids=["flushed", "flushed-and-deleted"])
+def test_rules_removed_by_hand_come_back_within_a_sync_period(env: Env, how: tuple[str, ...]) -> None:
+    assert "-N KPROXY-PROXY-CANARY" in env.iptables("-t", "mangle", "-S")
+    fulls = len([e for e in env.kproxy.events("sync_complete") if e["kind"] == "full"])
+    started = time.monotonic()
+    for flag in how:  # the whole nat table, as a firewall reload does
+        env.iptables("-t", "nat", flag)
+    assert "-j KPROXY" not in env.iptables("-t", "nat", "-S")
+    converges_to(env, BOTH, "rules restored")
+    assert time.monotonic() - started < SYNC_PERIOD + 3.0
+    assert "-N KPROXY-PROXY-CANARY" in env.iptables("-t", "nat", "-S")
+    repairs = [e for e in env.kproxy.events("sync_complete") if e["kind"] == "full"][fulls:]
+    assert repairs and repairs[0]["reason"] in ("canary", "tampered")
+
+
+def test_a_restart_under_a_stream_of_connections_loses_none(env: Env) -> None:
+    results: list[ProbeResult] = []
+    stop = threading.Event()
+
+    def stream() -> None:
+        while not stop.is_set():
+            results.append(probe(env.client, VIP, 80, timeout=2.0))
+
+    udp = Sender(env.client, VIP, 80)  # one UDP flow, established before the restart
+    before = udp.send()
+    streamer = threading.Thread(target=stream, name="stream")
+    streamer.start()
+    try:
+        wait_for(lambda: len(results) >= 20, timeout=CONVERGE, message="stream running")
+        old = env.kproxy
+        assert old.stop() == 0
+        assert old.events("kproxy_stopped")
+        rules = env.iptables("-t", "nat", "-S")
+        assert "KPROXY-SERVICES" in rules  # SIGTERM left the rules in place
+        during = len(results)
+        new = env.start_kproxy()
+        wait_for(lambda: new.events("sync_complete"), timeout=CONVERGE, message="restarted kproxy synced")
+        synced_at = len(results)
+        wait_for(lambda: len(results) >= synced_at + 20, timeout=CONVERGE, message="stream after the restart")
+    finally:
+        stop.set()
+        streamer.join(10)
+    first = new.events("sync_complete")[0]
+    assert (first["kind"], first["reason"]) == ("full", "start")
+    failed = [str(r) for r in results if not r.answered]
+    assert failed == [], f"{len(failed)} of {len(results)} connections lost: {failed[:3]}"
+    assert len(results) > during > 20
+    after = udp.send()
+    udp.close()
+    assert before.answered and after.answered and after.name == before.name  # the flow kept its endpoint
+
+
+def test_traffic_keeps_flowing_while_the_api_server_is_down(env: Env) -> None:
+    rules = (env.iptables("-t", "nat", "-S"), env.iptables("-t", "filter", "-S"))
+    env.api.stop()
+    try:
+        syncs = len(env.kproxy.events("sync_complete"))
+        # Two periodic syncs pass without the API server: they must leave the rules alone.
+        wait_for(
+            lambda: len(env.kproxy.events("sync_complete")) >= syncs + 2,
+            timeout=3 * SYNC_PERIOD + 5,
+            message="periodic syncs while the API server is down",
+        )
+        assert answered_by(env, count=20) == BOTH
+        assert (env.iptables("-t", "nat", "-S"), env.iptables("-t", "filter", "-S")) == rules
+        assert json.loads(env.get(10256, "/healthz")[1])["healthy"] is True
+    finally:
+        call_in(env.node, env.api.start)  # the same port, objects and history
+    env.api.update("endpointslices", slice_for("pod-1a"))
+    converges_to(env, {"pod-1a"}, "a change after the API server came back")
