@@ -518,7 +518,7 @@ def plan(
             }
         stale = set(old) - set(chains)
         if have is not None:
-            stale = (stale | {c for c in have if names.is_owned(c)}) - set(chains)
+            stale = (stale | {c for c in have if names.is_service_chain(c)}) - set(chains)
             stale &= have
         delete[table] = stale
     missing_jumps = {
@@ -567,5 +567,5 @@ def restore_text(
 
 def _write_order(table: str, chains: list[str]) -> list[str]:
     # Fixed chains first, then per-service ones; restore does not care, readers of --dry-run do.
-    per_service = ("KPROXY-SVC-", "KPROXY-SVL-", "KPROXY-EXT-", "KPROXY-FW-", "KPROXY-SEP-")
+    per_service = names.SERVICE_CHAIN_PREFIXES
     return [c for c in chains if not c.startswith(per_service)] + [c for c in chains if c.startswith(per_service)]

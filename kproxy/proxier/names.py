@@ -84,4 +84,17 @@ def endpoint_chain(spn: ServicePortName, endpoint_addr: str) -> str:
 
 
 def is_owned(name: str) -> bool:
+    """Anything kproxy created (cleanup's test): every KPROXY- chain, whichever part made it."""
     return name.startswith(PREFIX)
+
+
+SERVICE_FIXED_CHAINS = frozenset(
+    {SERVICES, EXTERNAL_SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ, FORWARD, PROXY_FIREWALL, LOCALNET_FIREWALL}
+)
+SERVICE_CHAIN_PREFIXES = ("KPROXY-SVC-", "KPROXY-SVL-", "KPROXY-EXT-", "KPROXY-FW-", "KPROXY-SEP-")
+
+
+def is_service_chain(name: str) -> bool:
+    """A chain the iptables Service proxier owns and may garbage-collect. hostPort chains, the
+    canary and the IPVS mode's chains share the KPROXY- prefix but belong to other writers."""
+    return name in SERVICE_FIXED_CHAINS or name.startswith(SERVICE_CHAIN_PREFIXES)

@@ -29,11 +29,16 @@ def chains_written(text: str) -> set[str]:
 
 def test_first_sync_writes_everything_and_deletes_strangers() -> None:
     rs, _ = render_objects(objects(), CFG)
-    existing = {"nat": {"KPROXY-SVC-OLD", "KUBE-SERVICES", "PREROUTING"}, "filter": set()}
+    existing = {
+        "nat": {"KPROXY-SVC-OLD", "KUBE-SERVICES", "PREROUTING", "KPROXY-HOSTPORT-DNAT", "KPROXY-PROXY-CANARY"},
+        "filter": set(),
+    }
     p = ipt.plan(rs, None, existing, {})
     assert chains_written(p.text) >= set(rs.tables["nat"]) | {"KPROXY-SVC-OLD"}
     assert "-X KPROXY-SVC-OLD" in p.text
     assert "KUBE-SERVICES" not in p.text  # not ours
+    # hostPort's chains and the canary carry our prefix but belong to other writers.
+    assert "KPROXY-HOSTPORT-DNAT" not in p.text and "KPROXY-PROXY-CANARY" not in p.text
     assert "-I PREROUTING 1 " in p.text
 
 
