@@ -112,6 +112,11 @@ def _list(v: str) -> list[str]:
     return items
 
 
+# nginx refuses a token over 4096 bytes, and a header list is rendered as one quoted token joined
+# with ", ": bound the rendered length well below that, or one Ingress could break every reload.
+MAX_HEADER_LIST_LEN = 2048
+
+
 def _headers(v: str) -> tuple[str, ...]:
     items = _list(v)
     if items == ["*"]:
@@ -119,6 +124,8 @@ def _headers(v: str) -> tuple[str, ...]:
     for h in items:
         if not _HEADER.fullmatch(h):
             raise _Bad(f"{h[:64]!r} is not a header name ([A-Za-z0-9-]+)")
+    if len(", ".join(items)) > MAX_HEADER_LIST_LEN:
+        raise _Bad(f"the header list is longer than {MAX_HEADER_LIST_LEN} characters")
     return tuple(items)
 
 

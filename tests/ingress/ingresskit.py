@@ -1,4 +1,4 @@
-"""Fixtures for running a real nginx on loopback: echo backends, certificates, the nginx itself.
+"""Helpers for running a real nginx on loopback: echo backends, certificates, the nginx itself.
 
 Everything binds 127.0.0.1 only. Readiness is polled with deadlines, never slept for. Teardown
 stops nginx first (so keepalive connections to the backends close), then every backend server
