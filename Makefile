@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the data plane, the lab and the tests call.
 APT_PACKAGES := iptables nftables ipset conntrack iproute2 procps kmod \
 	nginx-light openssl apache2-utils \
-	qemu-system-x86 linux-image-amd64 ipvsadm \
+	qemu-system-x86 linux-image-amd64 busybox-static file ipvsadm \
 	python3-venv shellcheck
 
 .PHONY: demo test test-unit test-kernel test-ingress test-vm bench lint deps venv clean
