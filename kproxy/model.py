@@ -114,7 +114,10 @@ class ServicePort:
 
     @property
     def uses_cluster_endpoints(self) -> bool:
-        return not self.internal_policy_local or (self.externally_accessible and not self.external_policy_local)
+        # Upstream's UsesClusterEndpoints: even with eTP Local, an externally accessible Service
+        # needs the cluster set, because pods and the node reaching its external addresses are
+        # short-circuited to every endpoint.
+        return not self.internal_policy_local or self.externally_accessible
 
     @property
     def uses_local_endpoints(self) -> bool:

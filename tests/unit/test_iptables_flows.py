@@ -158,6 +158,18 @@ SCENARIOS = [
         ],
     ),
     Scenario(
+        "etp and itp both local",
+        [
+            service(type="LoadBalancer", node_port=30080, lb_ips=[LB_IP], etp="Local", itp="Local"),
+            endpoint_slice(endpoints=both_endpoints()),
+        ],
+        [
+            Flow("outside to LB gets the local endpoint", OUTSIDE, LB_IP, 80, LOCAL_ONLY, masq=False),
+            Flow("pod to LB is short-circuited to every endpoint", OTHER_POD, LB_IP, 80, BOTH, masq=False),
+            Flow("pod to cluster IP gets the local endpoint", OTHER_POD, "172.30.0.41", 80, LOCAL_ONLY),
+        ],
+    ),
+    Scenario(
         "itp local",
         [service(itp="Local"), endpoint_slice(endpoints=both_endpoints())],
         [Flow("pod gets the local endpoint only", OTHER_POD, "172.30.0.41", 80, LOCAL_ONLY, masq=False)],
