@@ -17,6 +17,7 @@ import click
 from kproxy import __version__
 from kproxy.config import MODES, ProxyConfig, parse_cidr_list, parse_nodeport_addresses, validate
 from kproxy.errors import BackendError, ConfigError, InputError, InvalidObject
+from kproxy.ipvs_mode import ipvs_options
 from kproxy.model import ClusterState, IPFamily
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -69,8 +70,12 @@ def state_options(fn: F) -> F:
             ),
             click.option("--pod-bridge-interface", default=""),
             click.option("--pod-interface-name-prefix", default=""),
-            click.option("--iptables-backend", type=click.Choice(["", "nft", "legacy"]), default="",
-                         help="Default: the backend the node already uses."),
+            click.option(
+                "--iptables-backend",
+                type=click.Choice(["", "nft", "legacy"]),
+                default="",
+                help="Default: the backend the node already uses.",
+            ),
             click.option("--strict", is_flag=True, help="Exit 2 if any object was skipped."),
         ]
     ):
@@ -117,13 +122,14 @@ def _report(rejected: list[InvalidObject]) -> None:
 
 
 def _require_mode(mode: str) -> None:
-    if mode != "iptables":
-        raise ConfigError(f"--mode {mode}: this build has the iptables mode only so far")
+    if mode not in ("iptables", "ipvs"):
+        raise ConfigError(f"--mode {mode}: this build has the iptables and ipvs modes only so far")
 
 
 @main.command()
 @state_options
 @click.option("--dry-run", is_flag=True, help="Print what would be written; change nothing.")
+@ipvs_options
 @_exits
 def sync(dry_run: bool, **kw: Any) -> None:
     """Read the cluster state once, program this network namespace once, and exit."""
@@ -136,6 +142,15 @@ def sync(dry_run: bool, **kw: Any) -> None:
 
     cfg = _config(kw)
     _require_mode(cfg.mode)
+    if cfg.mode == "ipvs":
+        from kproxy.ipvs_mode import ipvs_config, sync_ipvs
+
+        ipvs_cfg = ipvs_config(kw)
+        state = _load(kw, cfg)
+        # A dry run writes no rules: no need to find out which iptables the node uses.
+        variant = cfg.iptables_backend or ("nft" if dry_run else detect_variant())
+        sync_ipvs(cfg, ipvs_cfg, state, dry_run=dry_run, variant=variant)
+        return
     state = _load(kw, cfg)
     node = state.nodes.get(cfg.node_name)
     variant = cfg.iptables_backend or _detect(detect_variant, dry_run)
@@ -183,6 +198,7 @@ def _parse_dst(text: str) -> tuple[str, int, str]:
 @click.option("--src", required=True, help="Source address of the packet.")
 @click.option("--dst", required=True, help="IP:PORT[/tcp|udp|sctp] (IPv6 as [IP]:PORT).")
 @click.option("--iface", default="eth0", show_default=True, help="Interface the packet arrives on.")
+@ipvs_options
 @_exits
 def trace(src: str, dst: str, iface: str, **kw: Any) -> None:
     """Explain where a packet goes through the rules kproxy would render for this node."""
@@ -210,6 +226,11 @@ def trace(src: str, dst: str, iface: str, **kw: Any) -> None:
         from kproxy.backends.host import local_addresses
 
         host = local_addresses(family)
+    if cfg.mode == "ipvs":
+        from kproxy.ipvs_mode import ipvs_config, trace_ipvs
+
+        trace_ipvs(cfg, ipvs_config(kw), state, family, tuple(host), src, dst_ip, port, proto, iface)
+        return
     ctx = node_context(cfg, family, node, host)
     view = family_view(state, family)
     ruleset = ipt.render(view.ports, view.endpoints, ctx)
@@ -237,11 +258,20 @@ def cleanup(mode: str, upstream: bool) -> None:
 
     removed = cleanup_iptables(upstream=upstream)
     click.echo(f"removed {removed} chains")
+    if mode in ("ipvs", "all"):
+        from kproxy.ipvs_mode import cleanup_ipvs
+
+        click.echo(cleanup_ipvs(upstream=upstream))
 
 
-from kproxy.cli_lab import lab  # noqa: E402  (the lab group lives in its own module)
+# Command groups living in their own modules.
+from kproxy.cli_ingress import ingress  # noqa: E402
+from kproxy.cli_lab import lab  # noqa: E402
+from kproxy.cli_run import run  # noqa: E402
 
+main.add_command(run)
 main.add_command(lab)
+main.add_command(ingress)
 
 if __name__ == "__main__":
     main()
