@@ -55,8 +55,9 @@ def _by_kind(objects: Iterable[Mapping[str, Any]]) -> dict[str, list[dict[str, A
 def _class_options(ingress_class: str | None, controller_class: str, without_class: bool) -> Any:
     from kproxy.ingress.convert import ClassOptions
 
-    return ClassOptions(controller=controller_class, class_name=ingress_class or None,
-                        watch_without_class=without_class)
+    return ClassOptions(
+        controller=controller_class, class_name=ingress_class or None, watch_without_class=without_class
+    )
 
 
 def class_flags(fn: F) -> F:
@@ -64,12 +65,22 @@ def class_flags(fn: F) -> F:
 
     for opt in reversed(
         [
-            click.option("--ingress-class", default=None,
-                         help="Also serve Ingresses naming this class (ingressClassName or the old annotation)."),
-            click.option("--controller-class", default=DEFAULT_CONTROLLER, show_default=True,
-                         help="Serve the IngressClasses whose spec.controller is this."),
-            click.option("--watch-ingress-without-class", is_flag=True,
-                         help="Serve Ingresses without any class when no default IngressClass exists."),
+            click.option(
+                "--ingress-class",
+                default=None,
+                help="Also serve Ingresses naming this class (ingressClassName or the old annotation).",
+            ),
+            click.option(
+                "--controller-class",
+                default=DEFAULT_CONTROLLER,
+                show_default=True,
+                help="Serve the IngressClasses whose spec.controller is this.",
+            ),
+            click.option(
+                "--watch-ingress-without-class",
+                is_flag=True,
+                help="Serve Ingresses without any class when no default IngressClass exists.",
+            ),
         ]
     ):
         fn = opt(fn)
@@ -93,21 +104,40 @@ def _absolute(path: str, flag: str) -> str:
 
 
 @ingress.command()
-@click.option("--state", "state_paths", multiple=True, required=True,
-              help="YAML file or directory (repeatable): Ingress, IngressClass, Service, Secret, EndpointSlice.")
+@click.option(
+    "--state",
+    "state_paths",
+    multiple=True,
+    required=True,
+    help="YAML file or directory (repeatable): Ingress, IngressClass, Service, Secret, EndpointSlice.",
+)
 @click.option("--http-port", default=80, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--https-port", default=443, show_default=True, type=click.IntRange(0, 65535),
-              help="0: no HTTPS listener.")
-@click.option("--cert-dir", default=None,
-              help="Write the TLS and htpasswd files from the Secrets here (TLS files mode 0600).")
-@click.option("--upstream-mode", type=click.Choice(["service", "endpoints"]), default="service", show_default=True,
-              help="service: one upstream per Service ClusterIP (kproxy balances); endpoints: the ready endpoints.")
+@click.option(
+    "--https-port", default=443, show_default=True, type=click.IntRange(0, 65535), help="0: no HTTPS listener."
+)
+@click.option(
+    "--cert-dir", default=None, help="Write the TLS and htpasswd files from the Secrets here (TLS files mode 0600)."
+)
+@click.option(
+    "--upstream-mode",
+    type=click.Choice(["service", "endpoints"]),
+    default="service",
+    show_default=True,
+    help="service: one upstream per Service ClusterIP (kproxy balances); endpoints: the ready endpoints.",
+)
 @class_flags
 @click.option("--strict", is_flag=True, help="Exit 2 if any object, path or annotation was rejected.")
 @_exits
 def render(
-    state_paths: tuple[str, ...], http_port: int, https_port: int, cert_dir: str | None, upstream_mode: str,
-    ingress_class: str | None, controller_class: str, watch_ingress_without_class: bool, strict: bool,
+    state_paths: tuple[str, ...],
+    http_port: int,
+    https_port: int,
+    cert_dir: str | None,
+    upstream_mode: str,
+    ingress_class: str | None,
+    controller_class: str,
+    watch_ingress_without_class: bool,
+    strict: bool,
 ) -> None:
     """Print the nginx configuration for the Ingresses in --state."""
     from kproxy.log import setup
@@ -123,11 +153,17 @@ def render(
     services, rejected = _services(objects.get("Service", []))
     endpoints = _endpoints(objects.get("EndpointSlice", []), rejected) if upstream_mode == "endpoints" else {}
     table = build_routes(
-        objects.get("Ingress", []), services, objects.get("Secret", []), objects.get("IngressClass", []),
+        objects.get("Ingress", []),
+        services,
+        objects.get("Secret", []),
+        objects.get("IngressClass", []),
         _class_options(ingress_class, controller_class, watch_ingress_without_class),
     )
-    kw: dict[str, Any] = {"http_port": http_port, "https_port": _https_port(https_port),
-                          "upstream_mode": UpstreamMode(upstream_mode)}
+    kw: dict[str, Any] = {
+        "http_port": http_port,
+        "https_port": _https_port(https_port),
+        "upstream_mode": UpstreamMode(upstream_mode),
+    }
     if cert_dir is not None:
         kw["cert_dir"] = _absolute(cert_dir, "--cert-dir")
     try:
@@ -143,8 +179,11 @@ def render(
     if cert_dir is not None:
         write_files(cfg, secure_certs=True)
     elif cfg.files:
-        click.echo(f"kproxy: {len(cfg.files)} TLS/auth file(s) referenced under {options.cert_dir} were not "
-                   "written (no --cert-dir)", err=True)
+        click.echo(
+            f"kproxy: {len(cfg.files)} TLS/auth file(s) referenced under {options.cert_dir} were not "
+            "written (no --cert-dir)",
+            err=True,
+        )
     click.echo(cfg.text, nl=False)
     if strict and (rejected or reasons):
         raise InputError(f"{len(rejected) + len(reasons)} object(s) or part(s) rejected and --strict given")
@@ -194,23 +233,49 @@ def _endpoints(objs: Iterable[dict[str, Any]], rejected: list[InvalidObject]) ->
 @click.option("--node", "node_name", default="", help="This node's name (events and logs say who reported).")
 @class_flags
 @click.option("--nginx-binary", default="/usr/sbin/nginx", show_default=True)
-@click.option("--state-dir", default="/var/lib/kproxy/ingress", show_default=True,
-              help="nginx prefix: nginx.conf, certificates, pid and temp files.")
+@click.option(
+    "--state-dir",
+    default="/var/lib/kproxy/ingress",
+    show_default=True,
+    help="nginx prefix: nginx.conf, certificates, pid and temp files.",
+)
 @click.option("--http-port", default=80, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--https-port", default=443, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--listen-address", "listen_addresses", multiple=True, default=("0.0.0.0",), show_default=True,
-              help="Address nginx listens on (repeatable).")
+@click.option(
+    "--listen-address",
+    "listen_addresses",
+    multiple=True,
+    default=("0.0.0.0",),
+    show_default=True,
+    help="Address nginx listens on (repeatable).",
+)
 @click.option("--upstream-mode", type=click.Choice(["service", "endpoints"]), default="service", show_default=True)
-@click.option("--publish-status-address", default="",
-              help="Comma-separated IPs or hostnames for status.loadBalancer (default: the edge nodes').")
-@click.option("--edge-node-selector", default="node-role.kubernetes.io/edge", show_default=True,
-              help="Label selector of the edge nodes, whose addresses are published in Ingress status.")
+@click.option(
+    "--publish-status-address",
+    default="",
+    help="Comma-separated IPs or hostnames for status.loadBalancer (default: the edge nodes').",
+)
+@click.option(
+    "--edge-node-selector",
+    default="node-role.kubernetes.io/edge",
+    show_default=True,
+    help="Label selector of the edge nodes, whose addresses are published in Ingress status.",
+)
 @click.option("--worker-user", default="", help="user:group for nginx workers when run as root.")
-@click.option("--min-sync-period", default=1.0, show_default=True, type=click.FloatRange(0, 3600),
-              help="Minimum seconds between two rebuilds (changes in between are coalesced).")
+@click.option(
+    "--min-sync-period",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0, 3600),
+    help="Minimum seconds between two rebuilds (changes in between are coalesced).",
+)
 @click.option("--sync-period", default=60.0, show_default=True, type=click.FloatRange(1, 86400))
-@click.option("--metrics-bind-address", default="127.0.0.1:10254", show_default=True,
-              help="/metrics, /healthz (ready after the first successful apply) and /livez.")
+@click.option(
+    "--metrics-bind-address",
+    default="127.0.0.1:10254",
+    show_default=True,
+    help="/metrics, /healthz (ready after the first successful apply) and /livez.",
+)
 @_exits
 def controller(**kw: Any) -> None:
     """Watch Ingresses, render, check (nginx -t), swap, reload nginx, publish status."""
@@ -228,9 +293,13 @@ def controller(**kw: Any) -> None:
         user = (u, g or u)
     try:
         options = NginxOptions(
-            http_port=kw["http_port"], https_port=_https_port(kw["https_port"]),
-            listen_addresses=tuple(kw["listen_addresses"]), cert_dir=f"{state_dir}/certs", run_dir=state_dir,
-            upstream_mode=UpstreamMode(kw["upstream_mode"]), user=user,
+            http_port=kw["http_port"],
+            https_port=_https_port(kw["https_port"]),
+            listen_addresses=tuple(kw["listen_addresses"]),
+            cert_dir=f"{state_dir}/certs",
+            run_dir=state_dir,
+            upstream_mode=UpstreamMode(kw["upstream_mode"]),
+            user=user,
         )
     except ConfigError as e:
         raise ConfigError(f"bad option: {e}") from None
@@ -289,10 +358,18 @@ def _stop_on_signals() -> threading.Event:
 @click.option("--node", "node_name", required=True, help="This node: its Pods' hostPorts are programmed here.")
 @click.option("--state", "state_paths", multiple=True, help="YAML file or directory with the Pods and the Node.")
 @click.option("--kubeconfig", default=None, help="Read the API server instead of --state.")
-@click.option("--edge-node-selector", default="node-role.kubernetes.io/edge", show_default=True,
-              help="Only nodes matching this label selector get hostPort rules ('' for every node).")
-@click.option("--iptables-backend", type=click.Choice(["", "nft", "legacy"]), default="",
-              help="Default: the backend the node already uses.")
+@click.option(
+    "--edge-node-selector",
+    default="node-role.kubernetes.io/edge",
+    show_default=True,
+    help="Only nodes matching this label selector get hostPort rules ('' for every node).",
+)
+@click.option(
+    "--iptables-backend",
+    type=click.Choice(["", "nft", "legacy"]),
+    default="",
+    help="Default: the backend the node already uses.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the iptables-restore input; change nothing.")
 @click.option("--watch", is_flag=True, help="Keep running: watch the Node and its Pods (needs the API server).")
 @click.option("--min-sync-period", default=1.0, show_default=True, type=click.FloatRange(0, 3600))
@@ -300,8 +377,15 @@ def _stop_on_signals() -> threading.Event:
 @click.option("--strict", is_flag=True, help="Exit 2 if any Pod was skipped.")
 @_exits
 def hostports(
-    node_name: str, state_paths: tuple[str, ...], kubeconfig: str | None, edge_node_selector: str,
-    iptables_backend: str, dry_run: bool, watch: bool, min_sync_period: float, metrics_bind_address: str,
+    node_name: str,
+    state_paths: tuple[str, ...],
+    kubeconfig: str | None,
+    edge_node_selector: str,
+    iptables_backend: str,
+    dry_run: bool,
+    watch: bool,
+    min_sync_period: float,
+    metrics_bind_address: str,
     strict: bool,
 ) -> None:
     """Program the hostPorts of this node's Pods into this network namespace (once, or --watch)."""
@@ -319,8 +403,9 @@ def hostports(
         _hostports_daemon(node_name, kubeconfig, selector, iptables_backend, min_sync_period, metrics_bind_address)
         return
     pods, node = _hostport_input(node_name, state_paths, kubeconfig)
-    syncer = HostPortSyncer(node_name, selector, variant=iptables_backend or ("nft" if dry_run else ""),
-                            conntrack=not dry_run)
+    syncer = HostPortSyncer(
+        node_name, selector, variant=iptables_backend or ("nft" if dry_run else ""), conntrack=not dry_run
+    )
     result = syncer.sync(pods, node, dry_run=dry_run)
     for e in result.rejected:
         click.echo(f"kproxy: skipped {e}", err=True)
@@ -378,7 +463,11 @@ def _hostport_input(
 
 
 def _hostports_daemon(
-    node_name: str, kubeconfig: str | None, selector: Any, variant: str, min_sync_period: float,
+    node_name: str,
+    kubeconfig: str | None,
+    selector: Any,
+    variant: str,
+    min_sync_period: float,
     metrics_address: str,
 ) -> None:
     from kproxy.httpd import TEXT, Response, listen
@@ -404,11 +493,14 @@ def _hostports_daemon(
             return Response(200 if ok else 503, TEXT, b"ok\n" if ok else b"not synced\n")
 
         try:
-            server = listen(metrics_address, {
-                "/metrics": lambda: Response(200, CONTENT_TYPE_LATEST, metrics.exposition()),
-                "/healthz": healthz,
-                "/livez": lambda: Response(200, TEXT, b"ok\n"),
-            })
+            server = listen(
+                metrics_address,
+                {
+                    "/metrics": lambda: Response(200, CONTENT_TYPE_LATEST, metrics.exposition()),
+                    "/healthz": healthz,
+                    "/livez": lambda: Response(200, TEXT, b"ok\n"),
+                },
+            )
         except (OSError, ValueError) as e:
             raise ConfigError(f"--metrics-bind-address {metrics_address}: {e}") from None
     stop = _stop_on_signals()

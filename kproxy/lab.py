@@ -562,9 +562,7 @@ def _ip_batch(ns: str | None, lines: Iterable[str], force: bool = False, check: 
         argv.append("-force")
     argv += ["-batch", "-"]
     text = "".join(f"{line}\n" for line in lines)
-    done = subprocess.run(
-        argv, input=text, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT, check=False
-    )
+    done = subprocess.run(argv, input=text, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT, check=False)
     if check and done.returncode != 0:
         where = ns or "the current namespace"
         raise LabError(f"ip -batch in {where} failed: {done.stderr.strip()}\ninput:\n{text}")

@@ -138,7 +138,9 @@ class NginxProcess:
             if child.poll() is not None:
                 self._child = None
                 raise BackendError(
-                    "nginx exited at start", argv=tuple(argv), returncode=child.returncode,
+                    "nginx exited at start",
+                    argv=tuple(argv),
+                    returncode=child.returncode,
                     stderr=self._log_tail(start_offset),
                 )
             try:
@@ -148,8 +150,9 @@ class NginxProcess:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise BackendError(f"nginx did not come up within {timeout}s", argv=tuple(argv),
-                                   stderr=self._log_tail(start_offset))
+                raise BackendError(
+                    f"nginx did not come up within {timeout}s", argv=tuple(argv), stderr=self._log_tail(start_offset)
+                )
             time.sleep(_POLL)  # polling the pid file; the deadline above bounds the wait
 
     def reload(self, timeout: float = 10.0) -> None:
@@ -165,9 +168,7 @@ class NginxProcess:
             now = children(pid)
             # Done when new workers run and every old one has stopped accepting: an old worker
             # retitles itself "is shutting down" right before it closes its listening sockets.
-            if now - before and all(
-                not _pid_alive(w) or "shutting down" in _cmdline(w) for w in before & now
-            ):
+            if now - before and all(not _pid_alive(w) or "shutting down" in _cmdline(w) for w in before & now):
                 return
             if not _pid_alive(pid):
                 raise BackendError("nginx exited during the reload", stderr=self._log_tail(offset))

@@ -288,9 +288,7 @@ def security_relevant(name: str) -> bool:
 # --- parsing -------------------------------------------------------------------------------
 
 
-def parse_annotations(
-    ref: IngressRef, annotations: Mapping[str, Any], secrets: SecretLookup
-) -> ParsedAnnotations:
+def parse_annotations(ref: IngressRef, annotations: Mapping[str, Any], secrets: SecretLookup) -> ParsedAnnotations:
     """Validate and apply the nginx annotations of one Ingress; never raises on bad input."""
     reasons: list[Reason] = []
     deny: list[str] = []
@@ -435,9 +433,7 @@ def _cors(values: Mapping[str, Any]) -> Cors:
     )
 
 
-def _basic_auth(
-    ref: IngressRef, values: Mapping[str, Any], secrets: SecretLookup
-) -> tuple[BasicAuth | None, str]:
+def _basic_auth(ref: IngressRef, values: Mapping[str, Any], secrets: SecretLookup) -> tuple[BasicAuth | None, str]:
     """Basic auth from the annotations and the Secret, or a reason it cannot be honoured."""
     kind = values.get("auth-type")
     if kind is None:

@@ -89,8 +89,17 @@ def parse_status_addresses(text: str) -> tuple[str, ...]:
         except ValueError:
             pass
         labels = item.rstrip(".").split(".")
-        if not all(0 < len(x) <= 63 and x.replace("-", "").isalnum() and x.isascii()
-                   and not x.startswith("-") and not x.endswith("-") for x in labels) or len(item) > 253:
+        if (
+            not all(
+                0 < len(x) <= 63
+                and x.replace("-", "").isalnum()
+                and x.isascii()
+                and not x.startswith("-")
+                and not x.endswith("-")
+                for x in labels
+            )
+            or len(item) > 253
+        ):
             raise ValueError(f"{item!r} is neither an IP address nor a DNS name")
         out.append(item.rstrip(".").lower())
     return tuple(dict.fromkeys(out))
@@ -140,7 +149,7 @@ def _ref_of(text: str) -> IngressRef | None:
     """``Ingress ns/name`` (a `Reason.ref`) → IngressRef."""
     if not text.startswith("Ingress "):
         return None
-    ns, _, name = text[len("Ingress "):].partition("/")
+    ns, _, name = text[len("Ingress ") :].partition("/")
     return IngressRef(ns, name) if ns and name and "?" not in (ns + name) else None
 
 
@@ -180,12 +189,19 @@ class IngressController:
         self.writer = writer
         state = Path(cfg.state_dir)
         self.nginx = NginxProcess(
-            cfg.nginx_binary, str(state), str(state / "nginx.conf"), f"{cfg.nginx.run_dir}/nginx.pid",
+            cfg.nginx_binary,
+            str(state),
+            str(state / "nginx.conf"),
+            f"{cfg.nginx.run_dir}/nginx.pid",
             str(state / "nginx.log"),
         )
         self.reloader = Reloader(
-            self.nginx, cfg.nginx, conf_path=str(state / "nginx.conf"), metrics=self.metrics,
-            reload_timeout=cfg.reload_timeout, **({"render_fn": render_fn} if render_fn is not None else {}),
+            self.nginx,
+            cfg.nginx,
+            conf_path=str(state / "nginx.conf"),
+            metrics=self.metrics,
+            reload_timeout=cfg.reload_timeout,
+            **({"render_fn": render_fn} if render_fn is not None else {}),
         )
         resources = [INGRESSES, INGRESS_CLASSES, SERVICES, SECRETS]
         if cfg.nginx.upstream_mode is UpstreamMode.ENDPOINTS:
@@ -201,7 +217,10 @@ class IngressController:
                 res, configuration, _Handlers(self, res.handler_prefix)
             )
         self.runner = BoundedFrequencyRunner(
-            "ingress", self._sync, min_interval=cfg.min_sync_period, max_interval=cfg.sync_period,
+            "ingress",
+            self._sync,
+            min_interval=cfg.min_sync_period,
+            max_interval=cfg.sync_period,
             retry_interval=cfg.retry_period,
         )
         self.ready = threading.Event()
@@ -365,8 +384,11 @@ class IngressController:
             if obj is None:
                 continue
             if _current_lb(obj) != want and self._patch_status(ref, want):
-                log.info("ingress_status_updated", ingress=f"{ref.namespace}/{ref.name}",
-                         addresses=[e.get("ip") or e.get("hostname") for e in want])
+                log.info(
+                    "ingress_status_updated",
+                    ingress=f"{ref.namespace}/{ref.name}",
+                    addresses=[e.get("ip") or e.get("hostname") for e in want],
+                )
             self._published[ref] = want
         for ref in sorted(set(self._published) - set(table.ours)):
             written = self._published.pop(ref)
@@ -398,7 +420,7 @@ class _Handlers:
         base = f"on_{self._prefix}_"
         if not name.startswith(base):
             raise AttributeError(name)
-        what = name[len(base):]
+        what = name[len(base) :]
         if what == "synced":
             return self._synced
         if what in ("add", "delete"):
@@ -423,12 +445,15 @@ def serve_health(ctl: IngressController, address: str) -> Any:
         ok = ctl.healthy()
         return Response(200 if ok else 503, TEXT, b"ok\n" if ok else b"not ready\n")
 
-    return listen(address, {
-        "/metrics": lambda: Response(200, CONTENT_TYPE_LATEST, ctl.metrics.exposition()),
-        "/healthz": healthz,
-        "/readyz": healthz,
-        "/livez": lambda: Response(200, TEXT, b"ok\n"),
-    })
+    return listen(
+        address,
+        {
+            "/metrics": lambda: Response(200, CONTENT_TYPE_LATEST, ctl.metrics.exposition()),
+            "/healthz": healthz,
+            "/readyz": healthz,
+            "/livez": lambda: Response(200, TEXT, b"ok\n"),
+        },
+    )
 
 
 __all__ = [

@@ -307,9 +307,7 @@ def _merge(parsed: list[_Parsed], reasons: list[Reason]) -> tuple[Server, ...]:
     servers = []
     for host in sorted(by_host):
         routes = sorted(by_host[host], key=lambda r: (r.sort_key, order[r.ingress], r.field))
-        servers.append(
-            Server(host=host, routes=tuple(routes), fallback=fallback.get(host), tls=tls.get(host))
-        )
+        servers.append(Server(host=host, routes=tuple(routes), fallback=fallback.get(host), tls=tls.get(host)))
     return tuple(servers)
 
 
@@ -399,9 +397,7 @@ def _parse_ingress(
         for j, item in enumerate(paths):
             f_path = f"{f_rule}.http.paths[{j}]"
             try:
-                p.routes.append(
-                    _route(ref, f_path, host, item, options.regex, services, p.reasons, parsed_ann)
-                )
+                p.routes.append(_route(ref, f_path, host, item, options.regex, services, p.reasons, parsed_ann))
             except InvalidObject as e:
                 p.reasons.append(Reason(e.ref, e.field, e.reason + "; path ignored"))
 
@@ -448,9 +444,7 @@ def _route(
     try:
         path_type = PathType(raw_type if isinstance(raw_type, str) else "")
     except ValueError:
-        raise InvalidObject(
-            str(ref), f"{f}.pathType", "must be Exact, Prefix or ImplementationSpecific"
-        ) from None
+        raise InvalidObject(str(ref), f"{f}.pathType", "must be Exact, Prefix or ImplementationSpecific") from None
     raw_path = item.get("path")
     if raw_path is None and path_type is PathType.IMPLEMENTATION_SPECIFIC:
         raw_path = "/"
@@ -528,9 +522,7 @@ def _backend(
     for sp in service.ports:
         if sp.protocol is not Protocol.TCP:
             continue
-        if (number is not None and sp.port == number) or (
-            port_name is not None and sp.name.port == port_name
-        ):
+        if (number is not None and sp.port == number) or (port_name is not None and sp.name.port == port_name):
             return Backend(bref, sp)
     return unavailable(f"Service {ref.namespace}/{name} has no TCP port {port_text}")
 
@@ -572,9 +564,7 @@ def _server_tls(
 # --- grammar -------------------------------------------------------------------------------
 
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-_SUBDOMAIN = re.compile(
-    r"(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
-)
+_SUBDOMAIN = re.compile(r"(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
 _SVC_NAME = re.compile(r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _PORT_NAME = re.compile(r"(?=.{1,15}$)[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 # Exact, Prefix and literal ImplementationSpecific paths: characters that need no quoting or
@@ -606,9 +596,7 @@ def _literal_path(ref: IngressRef, f: str, raw: Any, regex_ingress: bool) -> str
         raise InvalidObject(str(ref), f, "missing")
     if len(raw) > MAX_PATH_LEN or not _LITERAL_PATH.fullmatch(raw):
         hint = "" if regex_ingress else " (regex paths need pathType ImplementationSpecific and use-regex)"
-        raise InvalidObject(
-            str(ref), f, f"{_safe(raw)!r} is not an absolute path of [A-Za-z0-9/_.~@:+,=-]{hint}"
-        )
+        raise InvalidObject(str(ref), f, f"{_safe(raw)!r} is not an absolute path of [A-Za-z0-9/_.~@:+,=-]{hint}")
     segments = raw.split("/")[1:]
     if "//" in raw or any(s in (".", "..") for s in segments):
         # nginx matches the normalized URI: such a location could never match.
@@ -624,9 +612,7 @@ def _regex_path(ref: IngressRef, f: str, raw: Any) -> str:
     if not isinstance(raw, str) or not raw.startswith("/"):
         raise InvalidObject(str(ref), f, "must start with /")
     if len(raw) > MAX_REGEX_LEN or not _REGEX_CHARS.fullmatch(raw):
-        raise InvalidObject(
-            str(ref), f, f"{_safe(raw)!r} has characters outside [A-Za-z0-9/_.~%:@!&=+,*?()|[]^\\<>$-]"
-        )
+        raise InvalidObject(str(ref), f, f"{_safe(raw)!r} has characters outside [A-Za-z0-9/_.~%:@!&=+,*?()|[]^\\<>$-]")
     if re.search(r"\$(?![)|]|\Z)", raw):
         # `$` as an end anchor (at the end, or before `)`/`|`) only: nothing that reads like
         # an nginx variable, even though regex positions are never expanded.

@@ -120,7 +120,11 @@ class HostPortSyncer:
         return Iptables(family, self._variant)
 
     def sync(
-        self, pods: Iterable[Mapping[str, Any]], node: Mapping[str, Any] | None, *, dry_run: bool = False,
+        self,
+        pods: Iterable[Mapping[str, Any]],
+        node: Mapping[str, Any] | None,
+        *,
+        dry_run: bool = False,
         force: bool = False,
     ) -> HostPortResult:
         """Make the kernel match `pods` (this node's) and `node`. Raises `BackendError` when a
@@ -157,7 +161,10 @@ class HostPortSyncer:
             applied = self._applied.get(family)
             now = time.monotonic()
             if (
-                not dry_run and not force and applied is not None and applied == desired
+                not dry_run
+                and not force
+                and applied is not None
+                and applied == desired
                 and now - self._checked_at.get(family, 0.0) < self._sync_period
             ):
                 result.plans[family] = hr.Plan("")
@@ -219,7 +226,10 @@ class HostPortSyncer:
                 log.info("hostport_route_localnet", device=dev)
 
     def _flush_udp(
-        self, family: IPFamily, before: tuple[hr.PortMapping, ...], after: tuple[hr.PortMapping, ...],
+        self,
+        family: IPFamily,
+        before: tuple[hr.PortMapping, ...],
+        after: tuple[hr.PortMapping, ...],
         addresses: tuple[str, ...],
     ) -> int:
         ports = set(hr.udp_ports_to_flush(before, after))
@@ -230,7 +240,8 @@ class HostPortSyncer:
         ct = Conntrack(family)
         try:
             flows = [
-                f for f in ct.list(Protocol.UDP)
+                f
+                for f in ct.list(Protocol.UDP)
                 if f.orig_dport in ports and any(ipaddress.ip_address(f.orig_dst) in n for n in nets)
             ]
             deleted = ct.delete(flows)
@@ -283,7 +294,10 @@ class HostPortDaemon:
         )
         self._synced = {"node": threading.Event(), "pod": threading.Event()}
         self.runner = BoundedFrequencyRunner(
-            "hostports", self._run, min_interval=min_sync_period, max_interval=address_poll,
+            "hostports",
+            self._run,
+            min_interval=min_sync_period,
+            max_interval=address_poll,
             retry_interval=max(min_sync_period, 0.5),
         )
         self.last_result: HostPortResult | None = None

@@ -308,7 +308,9 @@ def resolve(pods: Iterable[PodPorts]) -> Resolved:
                     continue
                 host_ip = "" if claim.host_ip in ("0.0.0.0", "::") else claim.host_ip
                 mappings.append(
-                    PortMapping(family, pod.ref, claim.protocol, claim.host_port, host_ip, ip, claim.container_port, chain)
+                    PortMapping(
+                        family, pod.ref, claim.protocol, claim.host_port, host_ip, ip, claim.container_port, chain
+                    )
                 )
                 n += 1
             if n == 0:
@@ -446,10 +448,20 @@ def render(mappings: Iterable[PortMapping], family: IPFamily, addresses: Sequenc
     )
     tables: dict[str, dict[str, tuple[str, ...]]] = {NAT: {c: tuple(r) for c, r in nat.items()}}
     jumps = [
-        Jump(NAT, "PREROUTING", f"-m comment --comment {_q('kproxy hostports')} -m addrtype --dst-type LOCAL",
-             DNAT_CHAIN, True),
-        Jump(NAT, "OUTPUT", f"-m comment --comment {_q('kproxy hostports')} -m addrtype --dst-type LOCAL",
-             DNAT_CHAIN, True),
+        Jump(
+            NAT,
+            "PREROUTING",
+            f"-m comment --comment {_q('kproxy hostports')} -m addrtype --dst-type LOCAL",
+            DNAT_CHAIN,
+            True,
+        ),
+        Jump(
+            NAT,
+            "OUTPUT",
+            f"-m comment --comment {_q('kproxy hostports')} -m addrtype --dst-type LOCAL",
+            DNAT_CHAIN,
+            True,
+        ),
         Jump(NAT, "POSTROUTING", f"-m comment --comment {_q('kproxy hostport masquerade')}", MASQ_CHAIN, False),
     ]
     if any(m.localhost for m in mine):
@@ -551,15 +563,25 @@ def plan(desired: HostPortRules, kernel: KernelView, applied: HostPortRules | No
         written += chains
         deleted += stale
         fixed += [f"{table} {j.chain} -> {j.target}" for j in add_jumps]
-        fixed += [f"{table} -{_parse_jump(x)[0]} -> {_parse_jump(x)[1]}" for x in delete_jumps if
-                  not any(_parse_jump(x)[1] == j.target for j in add_jumps)]
+        fixed += [
+            f"{table} -{_parse_jump(x)[0]} -> {_parse_jump(x)[1]}"
+            for x in delete_jumps
+            if not any(_parse_jump(x)[1] == j.target for j in add_jumps)
+        ]
     return Plan("\n".join(out) + "\n" if out else "", tuple(written), tuple(deleted), tuple(fixed))
 
 
 def udp_ports_to_flush(before: Iterable[PortMapping], after: Iterable[PortMapping]) -> tuple[int, ...]:
     """UDP hostPorts whose mapping appeared or changed target: conntrack entries created before
     (replies from a host socket, or ICMP errors) would keep bypassing the new DNAT."""
-    old = {(m.family, m.host_ip, m.host_port, m.pod_ip, m.container_port) for m in before
-           if m.protocol is Protocol.UDP}
-    return tuple(sorted({m.host_port for m in after if m.protocol is Protocol.UDP
-                         and (m.family, m.host_ip, m.host_port, m.pod_ip, m.container_port) not in old}))
+    old = {(m.family, m.host_ip, m.host_port, m.pod_ip, m.container_port) for m in before if m.protocol is Protocol.UDP}
+    return tuple(
+        sorted(
+            {
+                m.host_port
+                for m in after
+                if m.protocol is Protocol.UDP
+                and (m.family, m.host_ip, m.host_port, m.pod_ip, m.container_port) not in old
+            }
+        )
+    )

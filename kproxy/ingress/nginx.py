@@ -523,9 +523,7 @@ class _Renderer:
         pct = 100.0 * p.weight / p.weight_total if p.weight_total else 0.0
         if 0 < pct < 100:
             # Readable part: the canary Ingress; the hash also covers host, path and type.
-            digest = hashlib.sha256(
-                f"{route.host} {route.path_type.value} {route.path}".encode()
-            ).hexdigest()[:8]
+            digest = hashlib.sha256(f"{route.host} {route.path_type.value} {route.path}".encode()).hexdigest()[:8]
             var = f"kproxy_canary_{_ident(canary.ingress.namespace, canary.ingress.name)}_{digest}"
             share = f"{max(pct, 0.01):.2f}".rstrip("0").rstrip(".")
             self.http_blocks["canary " + var] = [
@@ -557,9 +555,7 @@ class _Renderer:
         size = self.o.limit_zone_size
         if rl.connections:
             zone = _name(f"kproxy_conn_{base}")
-            self.http_blocks["limit " + zone] = [
-                f"    limit_conn_zone $binary_remote_addr zone={zone}:{size};"
-            ]
+            self.http_blocks["limit " + zone] = [f"    limit_conn_zone $binary_remote_addr zone={zone}:{size};"]
             w.line("limit_conn", zone, str(int(rl.connections)))
         for unit, rate in (("m", rl.rpm), ("s", rl.rps)):
             if rate:

@@ -125,7 +125,7 @@ def write_files(cfg: NginxConfig, *, group: str | None = None, secure_certs: boo
                 os.fchown(fd, -1, want_gid)
             view = memoryview(spec.content)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -268,8 +268,9 @@ class Reloader:
         )
         for r in rejected:
             log.warning("nginx_tls_rejected", host=r.host, secret=r.secret, ingress=str(r.ingress), error=r.error)
-        return ApplyResult(ok=True, changed=True, config=cfg, table=table, rejected_tls=tuple(rejected),
-                           started=started)
+        return ApplyResult(
+            ok=True, changed=True, config=cfg, table=table, rejected_tls=tuple(rejected), started=started
+        )
 
     def _prepare_dirs(self) -> None:
         run_dir = Path(self.options.run_dir)
@@ -278,8 +279,14 @@ class Reloader:
         self.conf.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
 
     def _rejected(
-        self, first_text: str, cfg: NginxConfig, table: RoutingTable, message: str,
-        rejected_tls: tuple[RejectedTLS, ...], *, stage: str,
+        self,
+        first_text: str,
+        cfg: NginxConfig,
+        table: RoutingTable,
+        message: str,
+        rejected_tls: tuple[RejectedTLS, ...],
+        *,
+        stage: str,
     ) -> ApplyResult:
         line = _failing_line(message)
         context = _context(cfg.text, line) if line else ""
@@ -300,8 +307,15 @@ class Reloader:
             ingresses=[str(r) for r in involved],
             keeps_serving="previous configuration" if self._good_text is not None else "nothing (not started)",
         )
-        result = ApplyResult(ok=False, changed=False, config=cfg, table=table, rejected_tls=rejected_tls,
-                             error=message, involved=involved)
+        result = ApplyResult(
+            ok=False,
+            changed=False,
+            config=cfg,
+            table=table,
+            rejected_tls=rejected_tls,
+            error=message,
+            involved=involved,
+        )
         # A text nginx -t rejected is not checked again until it changes; anything else (a reload
         # nginx did not take, a failed write) is retried: its cause may go away.
         self._failed = (first_text, result) if stage == "check" else None
@@ -348,8 +362,9 @@ def _drop_tls(table: RoutingTable, bad: Iterable[RejectedTLS]) -> RoutingTable:
         msg = f"Secret {b.secret}: nginx rejected the certificate or key ({b.error})"
         servers.append(replace(s, tls=replace(s.tls, cert=None, reason=msg)))
         reasons.append(Reason(str(b.ingress), "spec.tls", msg + f"; HTTPS for {s.host} fails closed"))
-    return replace(table, servers=tuple(servers),
-                   reasons=tuple(sorted(set(reasons), key=lambda r: (r.ref, r.field, r.message))))
+    return replace(
+        table, servers=tuple(servers), reasons=tuple(sorted(set(reasons), key=lambda r: (r.ref, r.field, r.message)))
+    )
 
 
 def _short_error(message: str) -> str:

@@ -135,9 +135,7 @@ _load_kube_config: Callable[..., None] = k8s_config.load_kube_config
 _load_incluster_config: Callable[..., None] = k8s_config.load_incluster_config
 
 
-def load_client_configuration(
-    kubeconfig: str | None = None, *, context: str | None = None
-) -> k8s.Configuration:
+def load_client_configuration(kubeconfig: str | None = None, *, context: str | None = None) -> k8s.Configuration:
     """Client configuration from a kubeconfig file, or in-cluster when `kubeconfig` is None.
 
     Without a kubeconfig and outside a cluster, falls back to ``$KUBECONFIG`` or
@@ -578,9 +576,7 @@ class Reflector:
             except _RETRYABLE as exc:
                 if self._rv != rv_before and not self._stop.is_set():
                     self._backoff.reset()  # the stream was working: resume at once
-                    self._emit(
-                        "info", "watch_dropped", resource_version=self._rv, error=_describe(exc), delay=0.0
-                    )
+                    self._emit("info", "watch_dropped", resource_version=self._rv, error=_describe(exc), delay=0.0)
                 else:
                     self._retry_later("watch_dropped", exc)
                 continue

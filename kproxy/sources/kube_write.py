@@ -86,12 +86,16 @@ class ApiWriter:
         try:
             # The body goes out as the dict it is (the client serialises dicts unchanged).
             resp: Any = self._core.create_namespaced_event(
-                namespace, body, _preload_content=False, _request_timeout=self._timeout  # type: ignore[arg-type]
+                namespace,
+                body,
+                _preload_content=False,
+                _request_timeout=self._timeout,  # type: ignore[arg-type]
             )
             resp.release_conn()
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
-            raise ApiWriteError(f"posting an event about {involved.get('kind')} {namespace}/"
-                                f"{involved.get('name')}: {_describe(e)}") from e
+            raise ApiWriteError(
+                f"posting an event about {involved.get('kind')} {namespace}/{involved.get('name')}: {_describe(e)}"
+            ) from e
 
 
 def _describe(e: BaseException) -> str:

@@ -656,9 +656,7 @@ class FakeAPIServer:
         self._record(rt, "DELETED", final, old)
         return copy.deepcopy(final)
 
-    def _list(
-        self, rt: ResourceType, namespace: str | None, selector: _Selector, *, type_meta: bool = False
-    ) -> Obj:
+    def _list(self, rt: ResourceType, namespace: str | None, selector: _Selector, *, type_meta: bool = False) -> Obj:
         # Like the real server, list items carry no kind/apiVersion (the list does); watch
         # events' objects do.
         items = [
@@ -743,13 +741,10 @@ class FakeAPIServer:
             if start_rv is None:
                 # "Any" RV: the watch starts with the current state as ADDED events.
                 initial = [
-                    {"type": "ADDED", "object": o}
-                    for o in self._list(rt, namespace, selector, type_meta=True)["items"]
+                    {"type": "ADDED", "object": o} for o in self._list(rt, namespace, selector, type_meta=True)["items"]
                 ]
                 start_rv = self._rv
-            watch = _Watch(
-                rt, namespace, selector, start_rv, bookmarks, handler.connection, self._bookmark_gen
-            )
+            watch = _Watch(rt, namespace, selector, start_rv, bookmarks, handler.connection, self._bookmark_gen)
             self._watches.add(watch)
             self._cond.notify_all()
         # The stream thread sleeps on the condition and would notice a client that hung up only
@@ -797,9 +792,7 @@ class FakeAPIServer:
                     if watch.dropped or self._stopping.is_set():
                         return  # cut: no terminating chunk
                     if watch.pos < self._compacted:
-                        expired = _status(
-                            410, "Expired", f"too old resource version: {watch.pos} ({self._compacted})"
-                        )
+                        expired = _status(410, "Expired", f"too old resource version: {watch.pos} ({self._compacted})")
                         batch = [{"type": "ERROR", "object": expired}]
                         done = True
                         break
@@ -808,10 +801,7 @@ class FakeAPIServer:
                     now = time.monotonic()
                     if watch.bookmarks and (
                         watch.bookmark_gen != self._bookmark_gen
-                        or (
-                            self._bookmark_interval is not None
-                            and now - last_bookmark >= self._bookmark_interval
-                        )
+                        or (self._bookmark_interval is not None and now - last_bookmark >= self._bookmark_interval)
                     ):
                         watch.bookmark_gen = self._bookmark_gen
                         last_bookmark = now
@@ -939,15 +929,11 @@ class _Handler(BaseHTTPRequestHandler):
         route = self.route(split.path)
         verb = self.verb(method, route, query)
         with fake._cond:
-            fake._requests.append(
-                Request(method, split.path, query, verb, route[0].plural if route else None)
-            )
+            fake._requests.append(Request(method, split.path, query, verb, route[0].plural if route else None))
             fake._cond.notify_all()
         try:
             if route is None:
-                raise ApiError(
-                    404, "NotFound", f"the server could not find the requested resource ({split.path})"
-                )
+                raise ApiError(404, "NotFound", f"the server could not find the requested resource ({split.path})")
             rt, namespace, name, sub = route
             if verb == "watch":
                 fake._serve_watch(self, rt, namespace, query)

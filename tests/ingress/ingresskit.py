@@ -107,9 +107,7 @@ def start_backend(name: str, tls: ssl.SSLContext | None = None) -> Backend:
     server.backend_name = name  # type: ignore[attr-defined]
     if tls is not None:
         server.socket = tls.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(
-        target=server.serve_forever, name=f"echo-{name}", kwargs={"poll_interval": 0.05}
-    )
+    thread = threading.Thread(target=server.serve_forever, name=f"echo-{name}", kwargs={"poll_interval": 0.05})
     thread.start()
     return Backend(name, server.server_address[1], server, thread)
 
@@ -388,11 +386,7 @@ def request(
     tls: ssl.SSLContext | None = None,
 ) -> Response:
     conn: http.client.HTTPConnection
-    conn = (
-        _SNIConnection(port, host, tls)
-        if tls is not None
-        else http.client.HTTPConnection(LOOPBACK, port, timeout=5)
-    )
+    conn = _SNIConnection(port, host, tls) if tls is not None else http.client.HTTPConnection(LOOPBACK, port, timeout=5)
     try:
         conn.request(method, path, body=body, headers={"Host": host, **(headers or {})})
         resp = conn.getresponse()

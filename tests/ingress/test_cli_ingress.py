@@ -22,21 +22,52 @@ P = "nginx.ingress.kubernetes.io/"
 
 def objects(cert: Cert | None = None) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = [
-        {"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass", "metadata": {"name": "kproxy"},
-         "spec": {"controller": "kproxy.io/ingress-controller"}},
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
-         "spec": {"type": "ClusterIP", "clusterIP": "172.30.0.10", "clusterIPs": ["172.30.0.10"],
-                  "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}},
-        {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
-         "metadata": {"name": "web", "namespace": "default", "annotations": {P + "affinity": "cookie"}},
-         "spec": {"ingressClassName": "kproxy",
-                  "tls": [{"hosts": ["web.test"], "secretName": "web-tls"}],
-                  "rules": [{"host": "web.test", "http": {"paths": [
-                      {"path": "/", "pathType": "Prefix",
-                       "backend": {"service": {"name": "web", "port": {"name": "http"}}}}]}}]}},
-        {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
-         "metadata": {"name": "bad", "namespace": "default"},
-         "spec": {"ingressClassName": "kproxy", "rules": [{"host": "*", "http": {"paths": []}}]}},
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "IngressClass",
+            "metadata": {"name": "kproxy"},
+            "spec": {"controller": "kproxy.io/ingress-controller"},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {
+                "type": "ClusterIP",
+                "clusterIP": "172.30.0.10",
+                "clusterIPs": ["172.30.0.10"],
+                "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+            },
+        },
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "Ingress",
+            "metadata": {"name": "web", "namespace": "default", "annotations": {P + "affinity": "cookie"}},
+            "spec": {
+                "ingressClassName": "kproxy",
+                "tls": [{"hosts": ["web.test"], "secretName": "web-tls"}],
+                "rules": [
+                    {
+                        "host": "web.test",
+                        "http": {
+                            "paths": [
+                                {
+                                    "path": "/",
+                                    "pathType": "Prefix",
+                                    "backend": {"service": {"name": "web", "port": {"name": "http"}}},
+                                }
+                            ]
+                        },
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "Ingress",
+            "metadata": {"name": "bad", "namespace": "default"},
+            "spec": {"ingressClassName": "kproxy", "rules": [{"host": "*", "http": {"paths": []}}]},
+        },
     ]
     if cert is not None:
         out.append(tls_secret("web-tls", cert))
@@ -55,8 +86,19 @@ def test_render_prints_the_configuration_and_names_what_it_rejected(
     state = write(tmp_path, objects(cert_factory("web.test")))
     certs = tmp_path / "certs"
     res = CliRunner().invoke(
-        main, ["ingress", "render", "--state", state, "--http-port", "8080", "--https-port", "8443",
-               "--cert-dir", str(certs)],
+        main,
+        [
+            "ingress",
+            "render",
+            "--state",
+            state,
+            "--http-port",
+            "8080",
+            "--https-port",
+            "8443",
+            "--cert-dir",
+            str(certs),
+        ],
     )
     assert res.exit_code == 0, res.output
     out = res.stdout
@@ -72,12 +114,18 @@ def test_render_prints_the_configuration_and_names_what_it_rejected(
         assert f'"{f}"' in out
     if os.path.exists(NGINX):  # what it printed is a configuration nginx accepts
         (tmp_path / "nginx.conf").write_text(out.replace("/var/lib/kproxy/ingress", str(tmp_path)))
-        r = subprocess.run([NGINX, "-p", f"{tmp_path}/", "-c", str(tmp_path / "nginx.conf"), "-e", "stderr", "-t",
-                            "-q"], capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            [NGINX, "-p", f"{tmp_path}/", "-c", str(tmp_path / "nginx.conf"), "-e", "stderr", "-t", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert r.returncode == 0, r.stderr
 
 
-def test_render_without_cert_dir_writes_nothing_and_says_so(tmp_path: Path, cert_factory: Callable[[str], Cert]) -> None:
+def test_render_without_cert_dir_writes_nothing_and_says_so(
+    tmp_path: Path, cert_factory: Callable[[str], Cert]
+) -> None:
     res = CliRunner().invoke(main, ["ingress", "render", "--state", write(tmp_path, objects(cert_factory("web.test")))])
     assert res.exit_code == 0
     assert "not written (no --cert-dir)" in res.stderr
@@ -109,23 +157,43 @@ def test_render_strict_exits_2_on_any_rejection(tmp_path: Path) -> None:
 
 
 def test_render_endpoints_mode_lists_ready_endpoints(tmp_path: Path) -> None:
-    objs = objects() + [{
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": "web-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
-        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        "endpoints": [{"addresses": ["10.0.1.11"], "conditions": {"ready": True}},
-                      {"addresses": ["10.0.1.12"], "conditions": {"ready": False}}],
-    }]
-    res = CliRunner().invoke(main, ["ingress", "render", "--state", write(tmp_path, objs), "--upstream-mode",
-                                    "endpoints", "--https-port", "0"])
+    objs = objects() + [
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": "web-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": ["10.0.1.11"], "conditions": {"ready": True}},
+                {"addresses": ["10.0.1.12"], "conditions": {"ready": False}},
+            ],
+        }
+    ]
+    res = CliRunner().invoke(
+        main,
+        ["ingress", "render", "--state", write(tmp_path, objs), "--upstream-mode", "endpoints", "--https-port", "0"],
+    )
     assert res.exit_code == 0, res.output
     assert "server 10.0.1.11:8080" in res.stdout and "10.0.1.12" not in res.stdout
     assert " ssl" not in res.stdout
 
 
 def test_hostports_bad_selector_exits_2(tmp_path: Path) -> None:
-    res = CliRunner().invoke(main, ["ingress", "hostports", "--node", "n", "--state", write(tmp_path, []),
-                                    "--edge-node-selector", "a b", "--dry-run"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "ingress",
+            "hostports",
+            "--node",
+            "n",
+            "--state",
+            write(tmp_path, []),
+            "--edge-node-selector",
+            "a b",
+            "--dry-run",
+        ],
+    )
     assert res.exit_code == 2 and "--edge-node-selector" in res.stderr
 
 
@@ -154,24 +222,58 @@ def test_controller_command_serves_reports_health_and_stops_cleanly(
         try:
             kubeconfig = api.write_kubeconfig(state / "kubeconfig")
             api.create("ingressclasses", objects()[0])
-            api.create("services", {
-                "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
-                "spec": {"type": "ClusterIP", "clusterIP": LOOPBACK, "clusterIPs": [LOOPBACK],
-                         "ports": [{"name": "http", "port": backend.port, "protocol": "TCP"}]}})
+            api.create(
+                "services",
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": {"name": "web", "namespace": "default"},
+                    "spec": {
+                        "type": "ClusterIP",
+                        "clusterIP": LOOPBACK,
+                        "clusterIPs": [LOOPBACK],
+                        "ports": [{"name": "http", "port": backend.port, "protocol": "TCP"}],
+                    },
+                },
+            )
             web = objects()[2]
             web["spec"].pop("tls")
             web["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["port"] = {"number": backend.port}
             api.create("ingresses", web)
-            api.create("nodes", {"apiVersion": "v1", "kind": "Node",
-                                 "metadata": {"name": "edge-1", "labels": {"node-role.kubernetes.io/edge": ""}},
-                                 "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.2"}]}})
+            api.create(
+                "nodes",
+                {
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {"name": "edge-1", "labels": {"node-role.kubernetes.io/edge": ""}},
+                    "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.2"}]},
+                },
+            )
             kproxy = str(Path(sys.executable).with_name("kproxy"))
             proc = subprocess.Popen(
-                [kproxy, "ingress", "controller", "--kubeconfig", str(kubeconfig), "--state-dir", str(state),
-                 "--http-port", str(http_port), "--https-port", "0", "--listen-address", LOOPBACK,
-                 "--metrics-bind-address", f"{LOOPBACK}:{metrics_port}", "--min-sync-period", "0.05",
-                 "--node", "edge-1"],
-                stdout=subprocess.DEVNULL, stderr=(state / "controller.log").open("wb"),
+                [
+                    kproxy,
+                    "ingress",
+                    "controller",
+                    "--kubeconfig",
+                    str(kubeconfig),
+                    "--state-dir",
+                    str(state),
+                    "--http-port",
+                    str(http_port),
+                    "--https-port",
+                    "0",
+                    "--listen-address",
+                    LOOPBACK,
+                    "--metrics-bind-address",
+                    f"{LOOPBACK}:{metrics_port}",
+                    "--min-sync-period",
+                    "0.05",
+                    "--node",
+                    "edge-1",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=(state / "controller.log").open("wb"),
             )
 
             def healthy() -> bool:
@@ -183,9 +285,15 @@ def test_controller_command_serves_reports_health_and_stops_cleanly(
 
             wait_until(healthy, 20, "the controller to be ready")
             assert request(http_port, "web.test").backend == "cli-backend"
-            assert api.wait_for(lambda: ((api.get("ingresses", "web", "default") or {}).get("status") or {})
-                                .get("loadBalancer", {}).get("ingress") == [{"ip": "192.168.0.2"}], 10), (
-                (state / "controller.log").read_text())
+            assert api.wait_for(
+                lambda: (
+                    ((api.get("ingresses", "web", "default") or {}).get("status") or {})
+                    .get("loadBalancer", {})
+                    .get("ingress")
+                    == [{"ip": "192.168.0.2"}]
+                ),
+                10,
+            ), (state / "controller.log").read_text()
             assert b"kproxy_ingress_config_last_reload_successful 1.0" in request(metrics_port, "x", "/metrics").body
             master = int((state / "nginx.pid").read_text())
             workers = children(master)

@@ -28,61 +28,119 @@ from kproxy.sources.kube import load_client_configuration
 from kproxy.testing.fakeapi import FakeAPIServer
 
 P = "nginx.ingress.kubernetes.io/"
-OURS = {"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass", "metadata": {"name": "kproxy"},
-        "spec": {"controller": "kproxy.io/ingress-controller"}}
-OTHER = {"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass", "metadata": {"name": "other"},
-         "spec": {"controller": "example.com/other"}}
+OURS = {
+    "apiVersion": "networking.k8s.io/v1",
+    "kind": "IngressClass",
+    "metadata": {"name": "kproxy"},
+    "spec": {"controller": "kproxy.io/ingress-controller"},
+}
+OTHER = {
+    "apiVersion": "networking.k8s.io/v1",
+    "kind": "IngressClass",
+    "metadata": {"name": "other"},
+    "spec": {"controller": "example.com/other"},
+}
 
 
 def service(name: str, port: int) -> dict[str, Any]:
     return {
-        "apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
-        "spec": {"type": "ClusterIP", "clusterIP": LOOPBACK, "clusterIPs": [LOOPBACK],
-                 "ports": [{"name": "http", "port": port, "protocol": "TCP"}]},
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": LOOPBACK,
+            "clusterIPs": [LOOPBACK],
+            "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        },
     }
 
 
-def ing(name: str, host: str, svc: str, port: int, *, cls: str = "kproxy", ann: dict[str, str] | None = None,
-        tls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def ing(
+    name: str,
+    host: str,
+    svc: str,
+    port: int,
+    *,
+    cls: str = "kproxy",
+    ann: dict[str, str] | None = None,
+    tls: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "ingressClassName": cls,
-        "rules": [{"host": host, "http": {"paths": [
-            {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": svc, "port": {"number": port}}}}
-        ]}}],
+        "rules": [
+            {
+                "host": host,
+                "http": {
+                    "paths": [
+                        {
+                            "path": "/",
+                            "pathType": "Prefix",
+                            "backend": {"service": {"name": svc, "port": {"number": port}}},
+                        }
+                    ]
+                },
+            }
+        ],
     }
     if tls is not None:
         spec["tls"] = tls
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
-            "metadata": {"name": name, "namespace": "default", "annotations": ann or {}}, "spec": spec}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": {"name": name, "namespace": "default", "annotations": ann or {}},
+        "spec": spec,
+    }
 
 
-def node(name: str, internal: str, *, external: str | None = None, edge: bool = True,
-         ready: str = "True") -> dict[str, Any]:
+def node(
+    name: str, internal: str, *, external: str | None = None, edge: bool = True, ready: str = "True"
+) -> dict[str, Any]:
     addrs = [{"type": "InternalIP", "address": internal}]
     if external:
         addrs.append({"type": "ExternalIP", "address": external})
-    return {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {"node-role.kubernetes.io/edge": ""} if edge else {}},
-            "status": {"addresses": addrs, "conditions": [{"type": "Ready", "status": ready}]}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"node-role.kubernetes.io/edge": ""} if edge else {}},
+        "status": {"addresses": addrs, "conditions": [{"type": "Ready", "status": ready}]},
+    }
 
 
 class Harness:
     def __init__(
-        self, api: FakeAPIServer, backends: dict[str, Backend], state: Path, *,
-        upstream_mode: UpstreamMode = UpstreamMode.SERVICE, **cfg: Any,
+        self,
+        api: FakeAPIServer,
+        backends: dict[str, Backend],
+        state: Path,
+        *,
+        upstream_mode: UpstreamMode = UpstreamMode.SERVICE,
+        **cfg: Any,
     ) -> None:
         self.api = api
         self.backends = backends
         self.state = state
         self.http_port, self.https_port = free_ports(2)
         options = NginxOptions(
-            http_port=self.http_port, https_port=self.https_port, listen_addresses=(LOOPBACK,),
-            cert_dir=str(state / "certs"), run_dir=str(state), user=worker_user(), worker_processes=1,
-            worker_shutdown_timeout=10, upstream_mode=upstream_mode,
+            http_port=self.http_port,
+            https_port=self.https_port,
+            listen_addresses=(LOOPBACK,),
+            cert_dir=str(state / "certs"),
+            run_dir=str(state),
+            user=worker_user(),
+            worker_processes=1,
+            worker_shutdown_timeout=10,
+            upstream_mode=upstream_mode,
         )
         settings: dict[str, Any] = {
-            "nginx": options, "nginx_binary": NGINX, "state_dir": str(state), "node_name": "node-1",
-            "min_sync_period": 0.05, "sync_period": 30, "retry_period": 0.2, "reload_timeout": 5,
+            "nginx": options,
+            "nginx_binary": NGINX,
+            "state_dir": str(state),
+            "node_name": "node-1",
+            "min_sync_period": 0.05,
+            "sync_period": 30,
+            "retry_period": 0.2,
+            "reload_timeout": 5,
             "edge_selector": parse_selector("node-role.kubernetes.io/edge"),
         }
         config = ControllerConfig(**{**settings, **cfg})
@@ -116,12 +174,12 @@ class Harness:
         assert self.api.wait_for(lambda: self.status_of(name) == want, timeout), (name, self.status_of(name))
 
     def events(self, name: str, reason: str) -> list[dict[str, Any]]:
-        return [e for e in self.api.events()
-                if e["involvedObject"].get("name") == name and e["reason"] == reason]
+        return [e for e in self.api.events() if e["involvedObject"].get("name") == name and e["reason"] == reason]
 
     def wait_event(self, name: str, reason: str, timeout: float = 10) -> dict[str, Any]:
         assert self.api.wait_for(lambda: bool(self.events(name, reason)), timeout), [
-            (e["involvedObject"]["name"], e["reason"], e["message"]) for e in self.api.events()]
+            (e["involvedObject"]["name"], e["reason"], e["message"]) for e in self.api.events()
+        ]
         return self.events(name, reason)[0]
 
 
@@ -170,7 +228,9 @@ def test_ingresses_created_updated_and_deleted_are_served(harness: Callable[...,
     obj = h.api.get("ingresses", "web", "default")
     assert obj is not None
     obj["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"] = {
-        "name": "s2", "port": {"number": h.port_of("s2")}}
+        "name": "s2",
+        "port": {"number": h.port_of("s2")},
+    }
     h.api.update("ingresses", obj)
     h.served_by("web.test", "s2")
     h.api.delete("ingresses", "web", "default")
@@ -238,8 +298,11 @@ def test_no_status_and_not_ready_until_nginx_serves(harness: Callable[..., Harne
     try:
         h.ctl.start()
         assert h.api.wait_for(lambda: len(h.api.requests("list")) >= 5, 10)  # it listed everything
-        wait_until(lambda: (h.metrics.registry.get_sample_value("kproxy_ingress_reload_failures_total") or 0) >= 2,
-                   10, "retried failures")
+        wait_until(
+            lambda: (h.metrics.registry.get_sample_value("kproxy_ingress_reload_failures_total") or 0) >= 2,
+            10,
+            "retried failures",
+        )
         assert not h.ctl.ready.is_set() and h.status_of("mine") is None
         conn = http.client.HTTPConnection(LOOPBACK, server.port, timeout=5)
         conn.request("GET", "/healthz")
@@ -287,25 +350,34 @@ def test_failures_become_events_and_the_last_good_configuration_keeps_serving(
     obj = h.api.get("ingresses", "web", "default")
     assert obj is not None
     obj["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"] = {
-        "name": "s2", "port": {"number": h.port_of("s2")}}
+        "name": "s2",
+        "port": {"number": h.port_of("s2")},
+    }
     h.api.update("ingresses", obj)
     assert h.get("web.test").backend == "s1"
     assert h.get(BROKEN_HOST).status == 404
     # Removing the culprit lets everything through.
     h.api.delete("ingresses", "broken", "default")
     h.served_by("web.test", "s2")
-    wait_until(lambda: h.metrics.registry.get_sample_value("kproxy_ingress_config_last_reload_successful") == 1.0,
-               5, "the success metric")  # set right after the reload that already serves
+    wait_until(
+        lambda: h.metrics.registry.get_sample_value("kproxy_ingress_config_last_reload_successful") == 1.0,
+        5,
+        "the success metric",
+    )  # set right after the reload that already serves
     assert len(h.events("broken", "ReloadFailed")) == 1  # reported once, not on every retry
 
     # 2. A Secret whose key does not match its certificate: only that host loses HTTPS.
     good, bad, other = cert_factory("good.test"), cert_factory("bad.test"), cert_factory("other.test")
     h.api.create("secrets", tls_secret("tls-good", good))
     h.api.create("secrets", tls_secret("tls-bad", bad, key_from=other))
-    h.api.create("ingresses", ing("good", "good.test", "s1", h.port_of("s1"),
-                                  tls=[{"hosts": ["good.test"], "secretName": "tls-good"}]))
-    h.api.create("ingresses", ing("bad", "bad.test", "s1", h.port_of("s1"),
-                                  tls=[{"hosts": ["bad.test"], "secretName": "tls-bad"}]))
+    h.api.create(
+        "ingresses",
+        ing("good", "good.test", "s1", h.port_of("s1"), tls=[{"hosts": ["good.test"], "secretName": "tls-good"}]),
+    )
+    h.api.create(
+        "ingresses",
+        ing("bad", "bad.test", "s1", h.port_of("s1"), tls=[{"hosts": ["bad.test"], "secretName": "tls-bad"}]),
+    )
     ev = h.wait_event("bad", "TLSSecretRejected")
     assert "default/tls-bad" in ev["message"] and "key values mismatch" in ev["message"]
     ctx = ssl.create_default_context(cafile=str(good.crt))
@@ -328,9 +400,11 @@ def _tls_backend(h: Harness, host: str, ctx: Any) -> str | None:
 
 def endpoint_slice(port: int, ready: bool = True) -> dict[str, Any]:
     return {
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
         "metadata": {"name": "ep-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "ep"}},
-        "addressType": "IPv4", "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
         "endpoints": [{"addresses": [LOOPBACK], "conditions": {"ready": ready}}],
     }
 

@@ -49,9 +49,7 @@ def scenario_ingresses() -> list[dict[str, Any]]:
     for case_id, paths, _requests, _want in SEED_PATH_ROWS:
         for kind, regex in (("paths", False), ("rx", True)):
             for ing in seed_row_ingresses(row_host(case_id, kind), paths, regex):
-                ing["metadata"]["name"] = (
-                    f"{ing['metadata']['name']}-{row_host(case_id, kind).replace('.', '-')}"
-                )
+                ing["metadata"]["name"] = f"{ing['metadata']['name']}-{row_host(case_id, kind).replace('.', '-')}"
                 ings.append(ing)
     old = "2020-01-01T00:00:00Z"
     ings += [
@@ -87,9 +85,7 @@ def scenario_ingresses() -> list[dict[str, Any]]:
             rule("auth.test", path("/", "s1")),
             ann={P + "auth-type": "basic", P + "auth-secret": "users", P + "auth-realm": "kproxy test"},
         ),
-        ingress(
-            "main", rule("canary.test", path("/", "s1")), rule("weight.test", path("/", "s1")), created=old
-        ),
+        ingress("main", rule("canary.test", path("/", "s1")), rule("weight.test", path("/", "s1")), created=old),
         ingress(
             "canary",
             rule("canary.test", path("/", "s2")),
@@ -100,13 +96,9 @@ def scenario_ingresses() -> list[dict[str, Any]]:
             rule("weight.test", path("/", "s2")),
             ann={P + "canary": "true", P + "canary-weight": "100", P + "canary-by-header": "X-Canary"},
         ),
-        ingress(
-            "allow", rule("allow.test", path("/", "s1")), ann={P + "whitelist-source-range": "127.0.0.1/32"}
-        ),
+        ingress("allow", rule("allow.test", path("/", "s1")), ann={P + "whitelist-source-range": "127.0.0.1/32"}),
         ingress("deny", rule("deny.test", path("/", "s1")), ann={P + "whitelist-source-range": "10.0.0.0/8"}),
-        ingress(
-            "closed", rule("closed.test", path("/", "s1")), ann={P + "whitelist-source-range": "10.0.0.0/33"}
-        ),
+        ingress("closed", rule("closed.test", path("/", "s1")), ann={P + "whitelist-source-range": "10.0.0.0/33"}),
         ingress("missing", rule("missing.test", path("/", "ghost"))),
         ingress("approot", rule("approot.test", path("/", "s1")), ann={P + "app-root": "/app"}),
         ingress("body", rule("body.test", path("/", "s1")), ann={P + "proxy-body-size": "1k"}),
@@ -333,9 +325,7 @@ def test_service_mode_proxies_to_the_cluster_ip(
 ) -> None:
     b = echo_backends("clusterip")
     service = svc("web", ports=(("http", b.port, svc("x").ports[0].protocol),), ip="127.0.0.1")
-    table = build_routes(
-        [ingress("web", rule("web.test", path("/", "web", port="http")))], [service], [], [CLASS]
-    )
+    table = build_routes([ingress("web", rule("web.test", path("/", "web", port="http")))], [service], [], [CLASS])
 
     def rendered(http_port: int, https_port: int, prefix: Path, user: tuple[str, str] | None) -> Any:
         return render(

@@ -53,12 +53,19 @@ class Env:
         self.cert = tls
         self.http_port, self.https_port = free_ports(2)
         self.options = NginxOptions(
-            http_port=self.http_port, https_port=self.https_port, listen_addresses=(LOOPBACK,),
-            cert_dir=str(state / "certs"), run_dir=str(state), upstream_mode=UpstreamMode.ENDPOINTS,
-            user=worker_user(), worker_processes=1, worker_shutdown_timeout=30,
+            http_port=self.http_port,
+            https_port=self.https_port,
+            listen_addresses=(LOOPBACK,),
+            cert_dir=str(state / "certs"),
+            run_dir=str(state),
+            upstream_mode=UpstreamMode.ENDPOINTS,
+            user=worker_user(),
+            worker_processes=1,
+            worker_shutdown_timeout=30,
         )
-        self.nginx = NginxProcess(NGINX, str(state), str(state / "nginx.conf"), str(state / "nginx.pid"),
-                                  str(state / "nginx.log"))
+        self.nginx = NginxProcess(
+            NGINX, str(state), str(state / "nginx.conf"), str(state / "nginx.pid"), str(state / "nginx.log")
+        )
         self.metrics = IngressMetrics()
         self.tests_run = 0
         real_test = self.nginx.test
@@ -68,8 +75,14 @@ class Env:
             return real_test(conf, timeout)
 
         self.nginx.test = counting_test  # type: ignore[method-assign]
-        self.reloader = Reloader(self.nginx, self.options, conf_path=str(state / "nginx.conf"),
-                                 metrics=self.metrics, reload_timeout=3.0, render_fn=breaking_render)
+        self.reloader = Reloader(
+            self.nginx,
+            self.options,
+            conf_path=str(state / "nginx.conf"),
+            metrics=self.metrics,
+            reload_timeout=3.0,
+            render_fn=breaking_render,
+        )
 
     def table(self, *ings: dict[str, Any], secrets: list[dict[str, Any]] | None = None) -> RoutingTable:
         return build_routes(list(ings), [svc(n) for n in self.backends], secrets or [], [CLASS])
@@ -169,14 +182,16 @@ def test_the_same_configuration_is_neither_written_nor_reloaded(env: Env) -> Non
 
 def test_a_change_reloads_swaps_atomically_and_removes_unreferenced_files(env: Env) -> None:
     a, b = env.cert("a.test"), env.cert("b.test")
-    first = env.apply(web("a.test", tls=[{"hosts": ["a.test"], "secretName": "tls-a"}]),
-                      secrets=[tls_secret("tls-a", a)])
+    first = env.apply(
+        web("a.test", tls=[{"hosts": ["a.test"], "secretName": "tls-a"}]), secrets=[tls_secret("tls-a", a)]
+    )
     assert first.ok
     old_files = {p for p, _ in first.config.files}
     workers = env.nginx.workers()
     # The Secret's content changes (a new certificate for the same host): new file names.
-    second = env.apply(web("a.test", tls=[{"hosts": ["a.test"], "secretName": "tls-a"}]),
-                       secrets=[tls_secret("tls-a", b)])
+    second = env.apply(
+        web("a.test", tls=[{"hosts": ["a.test"], "secretName": "tls-a"}]), secrets=[tls_secret("tls-a", b)]
+    )
     assert second.ok and second.changed and not second.started
     assert env.nginx.workers() - workers  # a new generation of workers (the old one drains away)
     assert (env.state / "nginx.conf").read_text() == second.config.text
@@ -354,8 +369,9 @@ def test_a_master_left_by_an_earlier_controller_is_adopted(env: Env) -> None:
     assert env.apply(web()).ok
     pid = env.nginx.pid()
     # A new controller process: fresh Reloader and NginxProcess over the same state directory.
-    other = NginxProcess(NGINX, str(env.state), str(env.state / "nginx.conf"), str(env.state / "nginx.pid"),
-                         str(env.state / "nginx.log"))
+    other = NginxProcess(
+        NGINX, str(env.state), str(env.state / "nginx.conf"), str(env.state / "nginx.pid"), str(env.state / "nginx.log")
+    )
     assert other.pid() == pid
     again = Reloader(other, env.options, conf_path=str(env.state / "nginx.conf"))
     result = again.apply(env.table(web("a.test", "s2")), env.endpoints())
@@ -374,4 +390,9 @@ def test_a_long_cors_header_list_is_refused_and_the_configuration_still_loads(en
     too_long = ",".join(f"X-H{i}" for i in range(300))  # about 2,200 characters rendered
     short = ",".join(f"X-H{i}" for i in range(250))
     assert env.table(web("cors.test", ann={P + "enable-cors": "true", P + "cors-allow-headers": short})).reasons == ()
-    assert any("cors-allow-headers" in str(r) for r in env.table(web("cors.test", ann={P + "enable-cors": "true", P + "cors-allow-headers": too_long})).reasons)
+    assert any(
+        "cors-allow-headers" in str(r)
+        for r in env.table(
+            web("cors.test", ann={P + "enable-cors": "true", P + "cors-allow-headers": too_long})
+        ).reasons
+    )

@@ -126,14 +126,20 @@ def pod_obj(
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name or p.name, "namespace": "default", "uid": f"uid-{name or p.name}",
-                     "creationTimestamp": created},
+        "metadata": {
+            "name": name or p.name,
+            "namespace": "default",
+            "uid": f"uid-{name or p.name}",
+            "creationTimestamp": created,
+        },
         "spec": {"nodeName": "node-1", "containers": [{"name": "c", "ports": list(ports)}]},
         "status": {"phase": "Running", "podIP": p.ipv4, "podIPs": [{"ip": p.ipv4}, {"ip": p.ipv6}]},
     }
 
 
-def hp(host_port: int, proto: str = "TCP", host_ip: str | None = None, container_port: int = POD_PORT) -> dict[str, Any]:
+def hp(
+    host_port: int, proto: str = "TCP", host_ip: str | None = None, container_port: int = POD_PORT
+) -> dict[str, Any]:
     out: dict[str, Any] = {"containerPort": container_port, "hostPort": host_port, "protocol": proto}
     if host_ip is not None:
         out["hostIP"] = host_ip
@@ -176,8 +182,7 @@ def test_hostport_reachable_from_outside_the_node_and_pods(hlab: Lab, kp: _Kprox
 def test_hostport_on_localhost_needs_route_localnet_and_is_guarded(hlab: Lab, kp: _Kproxy) -> None:
     node = hlab.node(1)
     # A new namespace copies "all" from the host's; pin both off so the sync has to set cbr0's.
-    hlab.run(node, ["sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=0",
-                    "net.ipv4.conf.cbr0.route_localnet=0"])
+    hlab.run(node, ["sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=0", "net.ipv4.conf.cbr0.route_localnet=0"])
     kp.hostports(pod_obj(hlab, "a", hp(8080), hp(8080, "UDP")))
     for proto in ("tcp", "udp"):
         r = probe(node, "127.0.0.1", 8080, proto)
@@ -270,16 +275,28 @@ def test_rules_go_away_when_the_node_is_not_an_edge_node(hlab: Lab, kp: _Kproxy)
 def _service_state(lab: Lab) -> list[dict[str, Any]]:
     b = lab.pod("pod-1b")
     svc = {
-        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
-        "spec": {"type": "ClusterIP", "clusterIP": CLUSTER_IP, "clusterIPs": [CLUSTER_IP],
-                 "ports": [{"name": "alt", "port": 8080, "protocol": "TCP", "targetPort": POD_PORT},
-                           {"name": "https", "port": 443, "protocol": "TCP", "targetPort": POD_PORT}]},
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": CLUSTER_IP,
+            "clusterIPs": [CLUSTER_IP],
+            "ports": [
+                {"name": "alt", "port": 8080, "protocol": "TCP", "targetPort": POD_PORT},
+                {"name": "https", "port": 443, "protocol": "TCP", "targetPort": POD_PORT},
+            ],
+        },
     }
     eps = {
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
         "metadata": {"name": "web-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
         "addressType": "IPv4",
-        "ports": [{"name": "alt", "port": POD_PORT, "protocol": "TCP"}, {"name": "https", "port": POD_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "alt", "port": POD_PORT, "protocol": "TCP"},
+            {"name": "https", "port": POD_PORT, "protocol": "TCP"},
+        ],
         "endpoints": [{"addresses": [b.ipv4], "conditions": {"ready": True}, "nodeName": "node-1"}],
     }
     return [svc, eps]
@@ -377,10 +394,27 @@ def test_daemon_follows_pods_and_reports_conflicts(hlab: Lab, kp: _Kproxy, tmp_p
         assert answered_by(probe(client, node.ipv4, 8080), "pod-1a")
         kp.run("cleanup")
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", node.ns, KPROXY, "ingress", "hostports", "--node", "node-1", "--watch",
-             "--kubeconfig", str(kubeconfig), "--min-sync-period", "0.1",
-             "--metrics-bind-address", "127.0.0.1:10259"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                "ip",
+                "netns",
+                "exec",
+                node.ns,
+                KPROXY,
+                "ingress",
+                "hostports",
+                "--node",
+                "node-1",
+                "--watch",
+                "--kubeconfig",
+                str(kubeconfig),
+                "--min-sync-period",
+                "0.1",
+                "--metrics-bind-address",
+                "127.0.0.1:10259",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         out: list[str] = []
         reader = threading.Thread(target=lambda: out.extend(proc.stdout or []), daemon=True)
@@ -395,9 +429,12 @@ def test_daemon_follows_pods_and_reports_conflicts(hlab: Lab, kp: _Kproxy, tmp_p
         wait_for(lambda: reached(8081, "pod-1b"), timeout=10, message="pod-1b on hostPort 8081")
         assert reached(8080, "pod-1a")
         assert api.wait_for(
-            lambda: any(e["reason"] == "HostPortConflict" and e["involvedObject"]["name"] == "pod-1b"
-                        for e in api.events()), timeout=10
+            lambda: any(
+                e["reason"] == "HostPortConflict" and e["involvedObject"]["name"] == "pod-1b" for e in api.events()
+            ),
+            timeout=10,
         ), api.events()
+
         def metrics() -> str:
             raw = call_in(node, lambda: urllib.request.urlopen("http://127.0.0.1:10259/metrics", timeout=5).read())
             return bytes(raw).decode()
@@ -410,8 +447,7 @@ def test_daemon_follows_pods_and_reports_conflicts(hlab: Lab, kp: _Kproxy, tmp_p
         wait_for(lambda: reached(8080, "pod-1b"), timeout=10, message="pod-1b takes over hostPort 8080")
         # The node stops being an edge node: every rule goes.
         api.update("nodes", node_obj(hlab, labels={}))
-        wait_for(lambda: probe(client, node.ipv4, 8081).outcome is Outcome.REFUSED, timeout=10,
-                 message="rules removed")
+        wait_for(lambda: probe(client, node.ipv4, 8081).outcome is Outcome.REFUSED, timeout=10, message="rules removed")
         assert "KPROXY-HOSTPORT" not in kp.nat(4)
     finally:
         if proc is not None:

@@ -80,9 +80,7 @@ def test_client_reaches_a_pod_and_the_pod_sees_the_client(
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_client_chooses_a_source_outside_the_lan(
-    lab: Lab, servers: dict[str, EchoServer], family: int
-) -> None:
+def test_client_chooses_a_source_outside_the_lan(lab: Lab, servers: dict[str, EchoServer], family: int) -> None:
     client = lab.client(1)
     source = client.extra_v4[1] if family == 4 else client.extra_v6[1]
     result = probe(client, lab.pod("pod-2a").ip(family), PORT, src_ip=source)
@@ -129,9 +127,7 @@ def test_server_on_node_loopback_is_reachable_from_the_node_only(lab: Lab) -> No
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_udp_reply_names_the_address_it_was_sent_to(
-    lab: Lab, servers: dict[str, EchoServer], family: int
-) -> None:
+def test_udp_reply_names_the_address_it_was_sent_to(lab: Lab, servers: dict[str, EchoServer], family: int) -> None:
     node, client = lab.node(2), lab.client(1)
     result = probe(client, node.ip(family), PORT, proto="udp")
     assert (result.name, result.local_ip, result.peer_ip) == ("node-2", node.ip(family), client.ip(family))

@@ -429,9 +429,7 @@ def test_hostile_host_is_rejected(host: str, prefix: Path) -> None:
     hostile = evil_ingress(rules=(rule(host, path("/", "web")),), tls=[{"hosts": [host], "secretName": "x"}])
     cfg = assert_confined(hostile, prefix)
     assert MARK not in cfg.text
-    assert len(parse(cfg.text)[-1].block or ()) == len(
-        parse(render(routes([]), options(prefix)).text)[-1].block or ()
-    )
+    assert len(parse(cfg.text)[-1].block or ()) == len(parse(render(routes([]), options(prefix)).text)[-1].block or ())
 
 
 @pytest.mark.parametrize(
@@ -547,9 +545,7 @@ def test_renderer_refuses_a_hostile_host_and_rewrite_it_did_not_validate() -> No
         render(raw_table("/x", host="a.com\nserver_name b.com"))
     t = raw_table("/x", path_type=PathType.IMPLEMENTATION_SPECIFIC, regex=True)
     server = t.servers[1]
-    route = replace(
-        server.routes[0], options=replace(server.routes[0].options, rewrite_target=f"/$host{MARK}")
-    )
+    route = replace(server.routes[0], options=replace(server.routes[0].options, rewrite_target=f"/$host{MARK}"))
     bad = RoutingTable(servers=(t.servers[0], replace(server, routes=(route,))))
     with pytest.raises(UnsafeValue):
         render(bad)

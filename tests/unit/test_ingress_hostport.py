@@ -43,7 +43,9 @@ def pod(
     }
 
 
-def hp(host_port: int, proto: str | None = None, host_ip: str | None = None, container_port: int = 80) -> dict[str, Any]:
+def hp(
+    host_port: int, proto: str | None = None, host_ip: str | None = None, container_port: int = 80
+) -> dict[str, Any]:
     out: dict[str, Any] = {"containerPort": container_port, "hostPort": host_port}
     if proto:
         out["protocol"] = proto
@@ -305,14 +307,18 @@ def _jump_lines(rules: hr.HostPortRules, table: str) -> list[str]:
 def test_first_plan_writes_chains_and_jumps() -> None:
     rules = render(pod("web", hp(80)))
     p = hr.plan(rules, hr.KernelView({}, {}), None)
-    assert "-A PREROUTING -m comment --comment \"kproxy hostports\" -m addrtype --dst-type LOCAL -j " \
-           "KPROXY-HOSTPORT-DNAT" in p.text
-    assert "-I POSTROUTING 1 -m comment --comment \"kproxy hostport masquerade\" -j KPROXY-HOSTPORT-MASQ" in p.text
+    assert (
+        '-A PREROUTING -m comment --comment "kproxy hostports" -m addrtype --dst-type LOCAL -j '
+        "KPROXY-HOSTPORT-DNAT" in p.text
+    )
+    assert '-I POSTROUTING 1 -m comment --comment "kproxy hostport masquerade" -j KPROXY-HOSTPORT-MASQ' in p.text
     assert "-I INPUT 1 -j KPROXY-HOSTPORT-LOCALNET" in p.text
     assert p.text.count("COMMIT") == 2
 
 
-def _kernel_after(rules: hr.HostPortRules, services_first: bool = True, extra: dict[str, list[str]] | None = None) -> hr.KernelView:
+def _kernel_after(
+    rules: hr.HostPortRules, services_first: bool = True, extra: dict[str, list[str]] | None = None
+) -> hr.KernelView:
     chains = {t: set(c) for t, c in rules.tables.items()}
     jumps: dict[str, list[str]] = {t: [] for t in rules.tables}
     if services_first:

@@ -235,9 +235,7 @@ def everything(
         ),
         ingress("approot", rule("approot.example.com", path("/", "s1")), ann={P + "app-root": "/app"}),
         ingress("force", rule("force.example.com", path("/", "web")), ann={P + "force-ssl-redirect": "true"}),
-        ingress(
-            "closed", rule("closed.example.com", path("/", "s1")), ann={P + "server-snippet": "return 200;"}
-        ),
+        ingress("closed", rule("closed.example.com", path("/", "s1")), ann={P + "server-snippet": "return 200;"}),
         ingress("catch", default_backend=backend("s2")),
     ]
     return ings, [
@@ -484,9 +482,9 @@ def test_cors_star_origin_is_literal() -> None:
 
 def test_rate_limits_render_zones_and_503(rich: str) -> None:
     body = location_block(server_block(rich, '"rl.example.com"'), 'location "/"')
-    assert "limit_conn kproxy_conn_default_limits_" in body and body.split("limit_conn ")[1].split(";")[
-        0
-    ].endswith(" 4")
+    assert "limit_conn kproxy_conn_default_limits_" in body and body.split("limit_conn ")[1].split(";")[0].endswith(
+        " 4"
+    )
     assert "burst=6 nodelay;" in body and "burst=200 nodelay;" in body
     assert "rate=3r/s;" in rich and "rate=100r/m;" in rich
     assert "limit_req_status 503;" in rich and "limit_conn_status 503;" in rich
@@ -586,9 +584,7 @@ def test_feature_rich_config_passes_nginx_t(
 ) -> None:
     ings, secrets = everything(real_tls_secrets)
     t = tbl(*ings, secrets=secrets)
-    eps = {
-        sp.name: [Endpoint("10.1.0.1", 8080), Endpoint("10.1.0.2", 8080)] for s in SERVICES for sp in s.ports
-    }
+    eps = {sp.name: [Endpoint("10.1.0.1", 8080), Endpoint("10.1.0.2", 8080)] for s in SERVICES for sp in s.ports}
     cfg = render(
         t,
         opts(prefix, http_port=18080, https_port=18443, listen_addresses=("127.0.0.1",), upstream_mode=mode),

@@ -31,10 +31,7 @@ def svc(
         ns,
         name,
         type,
-        tuple(
-            ServicePort(ServicePortName(ns, name, pn, proto), num, cluster_ips=(ip,))
-            for pn, num, proto in ports
-        ),
+        tuple(ServicePort(ServicePortName(ns, name, pn, proto), num, cluster_ips=(ip,)) for pn, num, proto in ports),
     )
 
 
@@ -174,9 +171,7 @@ def seed_row_ingresses(host: str, paths: list[tuple[str, str]], regex_host: bool
 
 @pytest.mark.parametrize("regex_host", [False, True], ids=["prefix-locations", "regex-locations"])
 @pytest.mark.parametrize(("paths", "request_path", "want"), seed_cases())
-def test_seed_path_table(
-    paths: list[tuple[str, str]], request_path: str, want: int | None, regex_host: bool
-) -> None:
+def test_seed_path_table(paths: list[tuple[str, str]], request_path: str, want: int | None, regex_host: bool) -> None:
     t = table(*seed_row_ingresses("paths.example.com", paths, regex_host))
     assert not t.reasons
     assert t.match("paths.example.com", request_path).target == ("404" if want is None else f"p{want}:80")
@@ -190,9 +185,7 @@ def test_seed_path_table_mixed_row_still_serves_prefix_subpaths() -> None:
 def test_exact_and_prefix_of_different_ingresses_are_not_a_conflict() -> None:
     t = table(
         ingress("old", rule("h.example.com", path("/foo", "p0"))),
-        ingress(
-            "new", rule("h.example.com", path("/foo", "p1", type="Exact")), created="2025-01-01T00:00:00Z"
-        ),
+        ingress("new", rule("h.example.com", path("/foo", "p1", type="Exact")), created="2025-01-01T00:00:00Z"),
     )
     assert not t.reasons
     assert t.match("h.example.com", "/foo").target == "p1:80"  # Exact wins the tie, whatever its age
@@ -301,18 +294,10 @@ def default_class(c: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("ing", "classes", "opts", "ours"),
     [
-        pytest.param(
-            ingress("a"), [CLASS, OTHER], ClassOptions(), True, id="ingressClassName-of-our-controller"
-        ),
-        pytest.param(
-            ingress("a", cls="nginx"), [CLASS, OTHER], ClassOptions(), False, id="ingressClassName-other"
-        ),
-        pytest.param(
-            ingress("a", cls="missing"), [CLASS], ClassOptions(), False, id="ingressClassName-unknown"
-        ),
-        pytest.param(
-            ingress("a", cls="edge"), [], ClassOptions(class_name="edge"), True, id="configured-class-name"
-        ),
+        pytest.param(ingress("a"), [CLASS, OTHER], ClassOptions(), True, id="ingressClassName-of-our-controller"),
+        pytest.param(ingress("a", cls="nginx"), [CLASS, OTHER], ClassOptions(), False, id="ingressClassName-other"),
+        pytest.param(ingress("a", cls="missing"), [CLASS], ClassOptions(), False, id="ingressClassName-unknown"),
+        pytest.param(ingress("a", cls="edge"), [], ClassOptions(class_name="edge"), True, id="configured-class-name"),
         pytest.param(
             ingress("a", cls=None, ann={"kubernetes.io/ingress.class": "kproxy"}),
             [CLASS],
@@ -334,12 +319,8 @@ def default_class(c: dict[str, Any]) -> dict[str, Any]:
             True,
             id="legacy-annotation-configured-name",
         ),
-        pytest.param(
-            ingress("a", cls=None), [default_class(CLASS), OTHER], ClassOptions(), True, id="default-ours"
-        ),
-        pytest.param(
-            ingress("a", cls=None), [CLASS, default_class(OTHER)], ClassOptions(), False, id="default-other"
-        ),
+        pytest.param(ingress("a", cls=None), [default_class(CLASS), OTHER], ClassOptions(), True, id="default-ours"),
+        pytest.param(ingress("a", cls=None), [CLASS, default_class(OTHER)], ClassOptions(), False, id="default-other"),
         pytest.param(ingress("a", cls=None), [CLASS, OTHER], ClassOptions(), False, id="no-class-no-default"),
         pytest.param(
             ingress("a", cls=None),
@@ -364,9 +345,7 @@ def default_class(c: dict[str, Any]) -> dict[str, Any]:
         ),
     ],
 )
-def test_class_selection(
-    ing: dict[str, Any], classes: list[dict[str, Any]], opts: ClassOptions, ours: bool
-) -> None:
+def test_class_selection(ing: dict[str, Any], classes: list[dict[str, Any]], opts: ClassOptions, ours: bool) -> None:
     assert is_ours(ing, parse_ingress_classes(classes), opts) is ours
     ing["spec"]["rules"] = [rule("h.example.com", path("/", "p0"))]
     t = build_routes([ing], SERVICES, ingress_classes=classes, options=opts)
@@ -475,9 +454,7 @@ def test_port_by_name_through_convert_service() -> None:
         pytest.param([svc("web", type=ServiceType.EXTERNAL_NAME)], 80, "ExternalName", id="external-name"),
     ],
 )
-def test_unresolvable_backend_answers_503_with_a_reason(
-    services: list[Service], port: int | str, reason: str
-) -> None:
+def test_unresolvable_backend_answers_503_with_a_reason(services: list[Service], port: int | str, reason: str) -> None:
     t = table(ingress("a", rule("h.example.com", path("/", "web", port=port))), services=services)
     assert t.match("h.example.com", "/").target == "503"
     assert any(reason in r and "answers 503" in r for r in reasons_of(t, "a"))
@@ -570,9 +547,7 @@ def test_default_backend_of_a_fail_closed_ingress_also_fails_closed() -> None:
 
 def test_tls_host_gets_the_certificate_of_its_secret() -> None:
     t = table(
-        ingress(
-            "a", rule("h.example.com", path("/", "p0")), tls=[{"hosts": ["h.example.com"], "secretName": "c"}]
-        ),
+        ingress("a", rule("h.example.com", path("/", "p0")), tls=[{"hosts": ["h.example.com"], "secretName": "c"}]),
         secrets=[fake_tls_secret("c")],
     )
     server = t.server("h.example.com")
@@ -586,9 +561,7 @@ def test_tls_host_gets_the_certificate_of_its_secret() -> None:
     [
         pytest.param([], "not found", id="missing"),
         pytest.param([{**fake_tls_secret("c"), "type": "Opaque"}], "kubernetes.io/tls", id="wrong-type"),
-        pytest.param(
-            [{**fake_tls_secret("c"), "data": {"tls.crt": "!!!", "tls.key": "x"}}], "base64", id="not-base64"
-        ),
+        pytest.param([{**fake_tls_secret("c"), "data": {"tls.crt": "!!!", "tls.key": "x"}}], "base64", id="not-base64"),
         pytest.param(
             [
                 {
@@ -601,13 +574,9 @@ def test_tls_host_gets_the_certificate_of_its_secret() -> None:
         ),
     ],
 )
-def test_unusable_tls_secret_keeps_https_without_a_certificate(
-    secrets: list[dict[str, Any]], why: str
-) -> None:
+def test_unusable_tls_secret_keeps_https_without_a_certificate(secrets: list[dict[str, Any]], why: str) -> None:
     t = table(
-        ingress(
-            "a", rule("h.example.com", path("/", "p0")), tls=[{"hosts": ["h.example.com"], "secretName": "c"}]
-        ),
+        ingress("a", rule("h.example.com", path("/", "p0")), tls=[{"hosts": ["h.example.com"], "secretName": "c"}]),
         secrets=secrets,
     )
     server = t.server("h.example.com")
@@ -666,12 +635,8 @@ def test_invalid_ordinary_annotation_is_ignored_with_a_reason() -> None:
         pytest.param({P + "server-snippet": "allow all;"}, id="server-snippet"),
         pytest.param({P + "whitelist-source-range": "10.0.0.0/8, not-a-cidr"}, id="bad-allow-list"),
         pytest.param({P + "auth-type": "basic", P + "auth-secret": "missing"}, id="auth-secret-missing"),
-        pytest.param(
-            {P + "auth-type": "digest", P + "auth-secret": "htpasswd"}, id="auth-digest-unsupported"
-        ),
-        pytest.param(
-            {P + "auth-type": "basic", P + "auth-secret": "other/htpasswd"}, id="auth-secret-other-ns"
-        ),
+        pytest.param({P + "auth-type": "digest", P + "auth-secret": "htpasswd"}, id="auth-digest-unsupported"),
+        pytest.param({P + "auth-type": "basic", P + "auth-secret": "other/htpasswd"}, id="auth-secret-other-ns"),
         pytest.param({P + "auth-secret": "htpasswd"}, id="auth-secret-without-type"),
         pytest.param({P + "auth-url": "https://auth.example.com/"}, id="auth-url-unsupported"),
         pytest.param({P + "denylist-source-range": "10.0.0.0/8"}, id="denylist-unsupported"),
@@ -682,9 +647,7 @@ def test_security_annotations_that_cannot_be_honoured_fail_closed(ann: dict[str,
         "metadata": {"name": "htpasswd", "namespace": "other"},
         "data": {"auth": base64.b64encode(b"u:$apr1$x$y\n").decode()},
     }
-    t = table(
-        ingress("a", rule("h.example.com", path("/", "p0"), path("/x", "p1")), ann=ann), secrets=[htpasswd]
-    )
+    t = table(ingress("a", rule("h.example.com", path("/", "p0"), path("/x", "p1")), ann=ann), secrets=[htpasswd])
     assert t.match("h.example.com", "/").target == "503"
     assert t.match("h.example.com", "/x").target == "503"
     assert any("answers 503" in r for r in reasons_of(t, "a"))
@@ -737,9 +700,7 @@ def test_canary_without_main_and_second_canary_are_reported() -> None:
         ann={P + "canary": "true"},
         created="2021-01-01T00:00:00Z",
     )
-    c2 = ingress(
-        "c2", rule("h.example.com", path("/", "p2"), path("/other", "p2")), ann={P + "canary": "true"}
-    )
+    c2 = ingress("c2", rule("h.example.com", path("/", "p2"), path("/other", "p2")), ann={P + "canary": "true"})
     t = table(main, c1, c2)
     rs = reasons_of(t, "c2")
     assert any("already has the canary of the older Ingress default/c1" in r for r in rs)

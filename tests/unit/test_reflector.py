@@ -303,9 +303,7 @@ def test_http_410_on_the_watch_request_relists(api: FakeAPIServer, start: Start)
     assert recorder.wait_calls(2) == [("synced", ""), ("add", "default/a")]
 
 
-def test_dropped_stream_resumes_from_last_rv_without_duplicates_or_losses(
-    api: FakeAPIServer, start: Start
-) -> None:
+def test_dropped_stream_resumes_from_last_rv_without_duplicates_or_losses(api: FakeAPIServer, start: Start) -> None:
     recorder = Recorder()
     reflector = start(sink=Store(recorder))
     synced(reflector, api)
@@ -390,9 +388,7 @@ def test_recovers_when_the_api_server_comes_back(api: FakeAPIServer, start: Star
     assert len(api.requests("list", "services")) == 1  # history kept: resumed, no relist
 
 
-def test_recovers_with_relist_when_history_expired_during_the_outage(
-    api: FakeAPIServer, start: Start
-) -> None:
+def test_recovers_with_relist_when_history_expired_during_the_outage(api: FakeAPIServer, start: Start) -> None:
     api.create("services", service("a"))
     backoff = RecordingBackoff()
     recorder = Recorder()
