@@ -17,6 +17,7 @@ demo: venv
 	$(VENV)/bin/kproxy lab demo
 
 test: venv
+	$(MAKE) lint
 	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/vm
 	$(MAKE) test-vm
 
