@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import gc
 import ipaddress
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -486,24 +486,39 @@ class RestorePlan:
 
     @property
     def empty(self) -> bool:
-        return not any(self.written.values()) and not any(self.deleted.values())
+        return not self.text
+
+
+def _service_chain(table: str, name: str) -> bool:
+    return names.is_service_chain(name)
 
 
 def plan(
     desired: Ruleset,
     applied: Mapping[str, Chains] | None,
     existing_chains: Mapping[str, set[str]] | None,
-    existing_jumps: Mapping[str, set[tuple[str, str]]],
+    existing_jumps: Mapping[str, set[tuple[str, str]]] | None,
+    *,
+    owned: Callable[[str, str], bool] = _service_chain,
+    saved_jump_rules: Mapping[str, Iterable[str]] | None = None,
 ) -> RestorePlan:
     """The restore input that turns the kernel into `desired`.
 
     `applied` is what the last successful transaction wrote (None forces a full write).
     `existing_chains` are the chain names the kernel holds per table, or None when they were
     not read this time (large clusters read them at most once per sync period, as upstream);
-    `existing_jumps` are the (built-in chain, target) jumps already in place.
+    `existing_jumps` are the (built-in chain, target) jumps already in place, or None when not
+    read (then a partial plan trusts that the last full write put them there). `owned(table,
+    chain)` says which chains this writer may garbage-collect: never another writer's chain that
+    shares the KPROXY- prefix. `saved_jump_rules` (built-in chain rules as iptables-save prints
+    them) lets a plan also remove jumps to owned chains it no longer wants, which is what
+    switching from another mode leaves behind.
     """
     write: dict[str, set[str]] = {}
     delete: dict[str, set[str]] = {}
+    add_jumps: dict[str, list[str]] = {}
+    drop_jumps: dict[str, list[str]] = {}
+    wanted = {(tb, b, t) for (tb, b, _, t, _) in desired.jumps}
     for table, chains in desired.tables.items():
         have = existing_chains.get(table, set()) if existing_chains is not None else None
         old = applied.get(table, {}) if applied is not None else {}
@@ -518,19 +533,23 @@ def plan(
             }
         stale = set(old) - set(chains)
         if have is not None:
-            stale = (stale | {c for c in have if names.is_service_chain(c)}) - set(chains)
-            stale &= have
+            stale = ((stale | {c for c in have if owned(table, c)}) - set(chains)) & have
         delete[table] = stale
-    missing_jumps = {
-        table: [
-            jump_rule(b, m, t, c)
-            for (tb, b, m, t, c) in desired.jumps
-            if tb == table and (b, t) not in existing_jumps.get(table, set())
-        ]
-        for table in desired.tables
-    }
+        drop_jumps[table] = []
+        for rule in (saved_jump_rules or {}).get(table, ()):
+            builtin = rule.split(" ", 2)[1]
+            target = rule.rsplit("-j ", 1)[1].split(" ", 1)[0]
+            if owned(table, target) and (target in stale or (table, builtin, target) not in wanted):
+                drop_jumps[table].append("-D " + rule[len("-A ") :])
+        if existing_jumps is None and applied is not None:
+            add_jumps[table] = []
+        else:
+            present = (existing_jumps or {}).get(table, set())
+            add_jumps[table] = [
+                jump_rule(b, m, t, c) for (tb, b, m, t, c) in desired.jumps if tb == table and (b, t) not in present
+            ]
     with gc_paused():
-        text = restore_text(desired.tables, write, delete, missing_jumps)
+        text = restore_text(desired.tables, write, delete, add_jumps, drop_jumps)
     return RestorePlan(
         text=text,
         written={t: len(c) for t, c in write.items()},
@@ -538,24 +557,30 @@ def plan(
     )
 
 
+TABLE_ORDER = ("mangle", FILTER, NAT)
+
+
 def restore_text(
     tables: Mapping[str, Chains],
     write: Mapping[str, set[str]],
     delete: Mapping[str, set[str]],
     jumps: Mapping[str, Iterable[str]],
+    drop_jumps: Mapping[str, Iterable[str]] | None = None,
 ) -> str:
     out: list[str] = []
-    for table in (FILTER, NAT):
+    for table in TABLE_ORDER:
         chains = tables.get(table, {})
         w = sorted(write.get(table, ()))
         d = sorted(delete.get(table, ()))
         j = list(jumps.get(table, ()))
-        if not (w or d or j):
+        dj = list((drop_jumps or {}).get(table, ()))
+        if not (w or d or j or dj):
             continue
         out.append(f"*{table}")
         # Declaring a chain flushes it (with --noflush, only the declared chains are touched).
         out.extend(f":{c} - [0:0]" for c in w)
         out.extend(f":{c} - [0:0]" for c in d)
+        out.extend(dj)
         # Built-in hooks go in only once their target chains exist in this same transaction.
         out.extend(f"-I {rule.split(' ', 1)[0]} 1 {rule.split(' ', 1)[1]}" for rule in reversed(j))
         for c in _write_order(table, w):

@@ -710,18 +710,7 @@ def _iptables(ctx: NodeContext, acc: _Acc) -> ipt.Ruleset:
 # Plans
 
 
-@dataclass(frozen=True)
-class RestorePlan:
-    text: str
-    written: dict[str, int]
-    deleted: dict[str, int]
-
-    def __str__(self) -> str:
-        return self.text
-
-    @property
-    def empty(self) -> bool:
-        return not self.text
+RestorePlan = ipt.RestorePlan
 
 
 def iptables_plan(
@@ -730,62 +719,17 @@ def iptables_plan(
     saved_chains: Mapping[str, set[str]] | None,
     saved_jumps: Mapping[str, list[str]] | None = None,
 ) -> RestorePlan:
-    """One iptables-restore transaction over mangle, filter and nat.
-
-    As ipt.plan (whose restore writer knows filter and nat only): a chain is written when its
-    rules differ from what was last `applied` (None: write all) or the kernel lacks it; the
-    Service proxier's chains (`is_proxier_chain`, never hostPort's or the canary) that the kernel
-    holds and we do not want are deleted, with every jump to them from a built-in chain
-    (`saved_jumps`: those rules as iptables-save prints them), which is what switching from the
-    iptables mode leaves behind.
-    """
-    out: list[str] = []
-    written: dict[str, int] = {}
-    deleted: dict[str, int] = {}
-    for table in TABLES:
-        chains = desired.tables.get(table, {})
-        have = saved_chains.get(table, set()) if saved_chains is not None else None
-        old = applied.get(table, {}) if applied is not None else {}
-        if applied is None:
-            write = set(chains)
-        else:
-            write = {c for c, rules in chains.items() if old.get(c) != rules or (have is not None and c not in have)}
-        stale = set(old) - set(chains)
-        if have is not None:
-            stale = ((stale | {c for c in have if is_proxier_chain(table, c)}) - set(chains)) & have
-        existing_pairs = set()
-        drop_jumps = []
-        for rule in (saved_jumps or {}).get(table, []):
-            builtin = rule.split(" ", 2)[1]
-            target = rule.rsplit("-j ", 1)[1].split(" ", 1)[0]
-            existing_pairs.add((builtin, target))
-            if not is_proxier_chain(table, target):
-                continue  # hostPort's, the canary's: not ours to judge
-            if target in stale or not any(
-                tb == table and b == builtin and t == target for tb, b, _, t, _ in desired.jumps
-            ):
-                drop_jumps.append("-D " + rule[len("-A ") :])
-        add_jumps = [
-            ipt.jump_rule(b, m, t, c)
-            for tb, b, m, t, c in desired.jumps
-            if tb == table and (saved_jumps is None or (b, t) not in existing_pairs)
-        ]
-        if saved_jumps is None and applied is not None:
-            add_jumps = []  # nothing read back: the jumps are where the last full write put them
-        written[table], deleted[table] = len(write), len(stale)
-        if not (write or stale or add_jumps or drop_jumps):
-            continue
-        w, d = sorted(write), sorted(stale)
-        out.append(f"*{table}")
-        out.extend(f":{c} - [0:0]" for c in w)
-        out.extend(f":{c} - [0:0]" for c in d)
-        out.extend(drop_jumps)
-        out.extend(f"-I {r.split(' ', 1)[0]} 1 {r.split(' ', 1)[1]}" for r in reversed(add_jumps))
-        fixed = [c for c in w if not c.startswith("KPROXY-EXT-")]
-        out.extend(line for c in fixed + [c for c in w if c not in fixed] for line in chains[c])
-        out.extend(f"-X {c}" for c in d)
-        out.append("COMMIT")
-    return RestorePlan("\n".join(out) + "\n" if out else "", written, deleted)
+    """One iptables-restore transaction over mangle, filter and nat: the iptables mode's plan,
+    owning only this proxier's chains (`is_proxier_chain`, never hostPort's or the canary) and
+    removing jumps to them that we no longer want (`saved_jumps`: the built-in chains' rules
+    as iptables-save prints them), which is what switching from the iptables mode leaves."""
+    present = None
+    if saved_jumps is not None:
+        present = {
+            table: {(r.split(" ", 2)[1], r.rsplit("-j ", 1)[1].split(" ", 1)[0]) for r in rules}
+            for table, rules in saved_jumps.items()
+        }
+    return ipt.plan(desired, applied, saved_chains, present, owned=is_proxier_chain, saved_jump_rules=saved_jumps)
 
 
 @dataclass(frozen=True, slots=True)
