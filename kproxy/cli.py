@@ -206,7 +206,7 @@ def trace(src: str, dst: str, iface: str, **kw: Any) -> None:
     from kproxy.model import family_of
     from kproxy.proxier import iptables as ipt
     from kproxy.proxier.base import family_view, node_context
-    from kproxy.testing.tracer import DNAT, Tracer
+    from kproxy.testing.tracer import Tracer
 
     cfg = _config(kw)
     _require_mode(cfg.mode)
@@ -235,17 +235,7 @@ def trace(src: str, dst: str, iface: str, **kw: Any) -> None:
     view = family_view(state, family)
     ruleset = ipt.render(view.ports, view.endpoints, ctx)
     result = Tracer(ruleset, ctx.local_ips).trace(src, dst_ip, port, proto, iface)
-    seen: set[tuple[str, str, bool]] = set()
-    for outcome in result.outcomes:
-        key = (outcome.verdict, outcome.endpoint, outcome.masquerade)
-        if key in seen:
-            continue
-        seen.add(key)
-        what = f"DNAT to {outcome.endpoint}" if outcome.verdict == DNAT else outcome.verdict.upper()
-        masq = ", masqueraded" if outcome.masquerade else ""
-        click.echo(f"=> {what}{masq}")
-        for step in outcome.trail:
-            click.echo(f"     {step}")
+    click.echo("\n".join(result.explain()))
 
 
 @main.command()

@@ -175,7 +175,6 @@ def trace_ipvs(
     from kproxy.backends.dummy import DummyDevice
     from kproxy.proxier.base import family_view, node_context
     from kproxy.testing.ipvs_tracer import IpvsTracer
-    from kproxy.testing.tracer import DNAT
 
     node = state.nodes.get(cfg.node_name)
     try:
@@ -186,17 +185,7 @@ def trace_ipvs(
     view = family_view(state, family)
     desired = pv.render(view.ports, view.endpoints, ctx, ipvs_cfg)
     result = IpvsTracer(desired, ctx.local_ips).trace(src, dst, port, proto, iface)
-    seen: set[tuple[str, str, bool]] = set()
-    for outcome in result.outcomes:
-        key = (outcome.verdict, outcome.endpoint, outcome.masquerade)
-        if key in seen:
-            continue
-        seen.add(key)
-        what = f"DNAT to {outcome.endpoint}" if outcome.verdict == DNAT else outcome.verdict.upper()
-        masq = ", masqueraded" if outcome.masquerade else ""
-        click.echo(f"=> {what}{masq}")
-        for step in outcome.trail:
-            click.echo(f"     {step}")
+    click.echo("\n".join(result.explain()))
 
 
 def cleanup_ipvs(upstream: bool = False) -> str:

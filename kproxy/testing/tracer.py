@@ -63,6 +63,19 @@ class Trace:
     def masquerade(self) -> set[bool]:
         return {o.masquerade for o in self.outcomes}
 
+    def explain(self) -> list[str]:
+        """Each distinct outcome with the rules that led there, as `kproxy trace` prints it."""
+        lines: list[str] = []
+        seen: set[tuple[str, str, bool]] = set()
+        for o in self.outcomes:
+            if (o.verdict, o.endpoint, o.masquerade) in seen:
+                continue
+            seen.add((o.verdict, o.endpoint, o.masquerade))
+            what = f"DNAT to {o.endpoint}" if o.verdict == DNAT else o.verdict.upper()
+            lines.append(f"=> {what}{', masqueraded' if o.masquerade else ''}")
+            lines.extend(f"     {step}" for step in o.trail)
+        return lines
+
 
 @lru_cache(maxsize=65536)
 def _tokens(rule: str) -> tuple[str, ...]:
