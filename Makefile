@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := iptables nftables ipset conntrack iproute2 procps kmod \
 	nginx-light openssl apache2-utils \
 	qemu-system-x86 linux-image-amd64 busybox-static file ipvsadm \
-	python3-venv shellcheck
+	python3-venv shellcheck vagrant
 
 .PHONY: demo test test-unit test-kernel test-ingress test-vm bench lint deps venv clean
 
