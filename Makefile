@@ -37,7 +37,7 @@ bench: venv
 	$(PY) bench/iptables_bench.py --services 1000 10000 --out docs/benchmarks.md
 
 lint: venv
-	$(VENV)/bin/ruff check kproxy tests bench
+	$(VENV)/bin/ruff check kproxy tests bench tools
 	$(VENV)/bin/lint-imports
 
 deps:
