@@ -2,7 +2,7 @@
 
 `up` builds the namespaces and starts a background process serving echo servers in every pod;
 `down` stops it and removes every namespace of the lab; `demo` does up, one `kproxy sync` of
-node-1 from the example state, requests to a ClusterIP, a NodePort and a LoadBalancer IP, and
+every node from the example state, requests to a ClusterIP, a NodePort and a LoadBalancer IP, and
 down, all in one go.
 """
 
@@ -108,7 +108,7 @@ def down(prefix: str) -> None:
 )
 @click.option("--requests", default=6, show_default=True)
 def demo(prefix: str, state_path: str | None, requests: int) -> None:
-    """Build a lab, program node-1 with kproxy sync, show where requests land, clean up."""
+    """Build a lab, program every node with kproxy sync, show where requests land, clean up."""
     from kproxy.testing.netns import EchoServer, probe
 
     state = state_path or str(example_state())
@@ -118,28 +118,36 @@ def demo(prefix: str, state_path: str | None, requests: int) -> None:
         the_lab.up()
         click.echo(the_lab.describe())
         servers = [EchoServer(pod, ECHO_PORT, proto="both").start() for pod in the_lab.all_pods]
-        node = the_lab.node(1)
-        argv = [
-            str(Path(sys.executable).with_name("kproxy")),
-            "sync",
-            "--mode",
-            "iptables",
-            "--node",
-            node.name,
-            "--state",
-            state,
-            "--cluster-cidr",
-            "10.0.0.0/8",
-        ]
-        click.echo(f"\n$ ip netns exec {node.ns} {' '.join(['kproxy'] + argv[1:])}")
-        res = the_lab.run(node.ns, argv, check=False)
-        click.echo(res.stdout + res.stderr, nl=False)
-        if res.returncode != 0:
-            raise click.ClickException(f"kproxy sync exited {res.returncode}")
+        # Every node runs kproxy, as the DaemonSet would; endpoints on a node are local to it.
+        for node in the_lab.nodes:
+            argv = [
+                str(Path(sys.executable).with_name("kproxy")),
+                "sync",
+                "--mode",
+                "iptables",
+                "--node",
+                node.name,
+                "--state",
+                state,
+                "--cluster-cidr",
+                "10.0.0.0/8",
+            ]
+            click.echo(f"\n$ ip netns exec {node.ns} {' '.join(['kproxy'] + argv[1:])}")
+            res = the_lab.run(node.ns, argv, check=False)
+            click.echo(res.stdout + res.stderr, nl=False)
+            if res.returncode != 0:
+                raise click.ClickException(f"kproxy sync on {node.name} exited {res.returncode}")
         client = the_lab.client(1)
         pod = the_lab.pod("pod-1b")
         cases = [
             ("ClusterIP demo/web 172.30.0.10:80 from pod-1b", pod, "172.30.0.10", 80, None),
+            (
+                "ClusterIP demo/web 172.30.0.10:80 from pod-2b (node-2's rules)",
+                the_lab.pod("pod-2b"),
+                "172.30.0.10",
+                80,
+                None,
+            ),
             (
                 "NodePort demo/shop 192.168.0.2:30080 from the outside client",
                 client,

@@ -18,6 +18,7 @@ def test_demo_shows_traffic_landing_and_cleans_up() -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert "answered by pod-1a, which saw the client as 203.0.113.10" in res.stdout  # eTP Local LB keeps the client
     assert "ClusterIP demo/web" in res.stdout and "NodePort demo/shop" in res.stdout
+    assert "--node node-2" in res.stdout and "pod-2b (node-2's rules)" in res.stdout
     assert lab_namespaces(prefix) == []
 
 
