@@ -166,6 +166,11 @@ def main() -> None:
         print(table(results[-2:] if n <= args.nft_max else results[-1:]), flush=True)
     text = table(results)
     if args.out:
+        # The raw figures and a plot beside the Markdown page.
+        args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+        from plot import svg
+
+        args.out.with_suffix(".svg").write_text(svg(results))
         doc = args.out.read_text() if args.out.exists() else ""
         marker = "<!-- bench:iptables -->"
         block = f"{marker}\nMeasured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {platform.python_version()}:\n\n{text}{marker}"

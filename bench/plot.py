@@ -1,0 +1,70 @@
+"""Draw the benchmark results as an SVG bar chart (log scale), with no plotting dependency.
+
+python bench/plot.py docs/benchmarks.json docs/benchmarks.svg
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+SERIES = (
+    ("render_s", "render (full)", "#4c72b0"),
+    ("plan_s", "plan (full)", "#55a868"),
+    ("apply_s", "apply (full)", "#c44e52"),
+    ("partial_render_s", "partial render+plan", "#8172b2"),
+    ("partial_apply_s", "partial apply", "#ccb974"),
+)
+LO, HI = 1e-3, 100.0  # seconds: the log axis runs from 1 ms to 100 s
+
+
+def svg(results: list[dict]) -> str:
+    bar, gap, left, top, width = 14, 18, 190, 40, 520
+    groups = len(results)
+    height = top + groups * (len(SERIES) * bar + gap) + 60
+
+    def x(seconds: float) -> float:
+        s = min(max(seconds, LO), HI)
+        return left + width * (math.log10(s) - math.log10(LO)) / (math.log10(HI) - math.log10(LO))
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 140}" height="{height}" '
+        'font-family="sans-serif" font-size="11">',
+        f'<text x="{left}" y="20" font-size="13">kproxy iptables mode: seconds per sync (log scale)</text>',
+    ]
+    for tick in (1e-3, 1e-2, 1e-1, 1, 10, 100):
+        tx = x(tick)
+        label = f"{tick * 1000:g} ms" if tick < 1 else f"{tick:g} s"
+        out.append(f'<line x1="{tx:.1f}" y1="{top - 5}" x2="{tx:.1f}" y2="{height - 50}" stroke="#ddd"/>')
+        out.append(f'<text x="{tx:.1f}" y="{height - 36}" text-anchor="middle">{label}</text>')
+    y = top
+    for r in results:
+        out.append(f'<text x="8" y="{y + bar * 2}">{r["services"]:,} × 10, {r["variant"]}</text>')
+        for key, _, colour in SERIES:
+            if key in r:
+                out.append(
+                    f'<rect x="{left}" y="{y}" width="{x(r[key]) - left:.1f}" height="{bar - 2}" fill="{colour}"/>'
+                )
+                value = r[key]
+                text = f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+                out.append(f'<text x="{x(r[key]) + 4:.1f}" y="{y + bar - 4}">{text}</text>')
+            y += bar
+        y += gap
+    lx = left
+    for _, label, colour in SERIES:
+        out.append(f'<rect x="{lx}" y="{height - 22}" width="10" height="10" fill="{colour}"/>')
+        out.append(f'<text x="{lx + 14}" y="{height - 13}">{label}</text>')
+        lx += 14 + 7 * len(label) + 16
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    results = json.loads(Path(sys.argv[1]).read_text())
+    Path(sys.argv[2]).write_text(svg(results))
+
+
+if __name__ == "__main__":
+    main()
