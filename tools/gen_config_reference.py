@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from kproxy import config
+from kproxy.ingress import annotations
 
-OUT = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def _show(value: Any) -> str:
@@ -63,17 +64,51 @@ def render() -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_annotations() -> str:
+    prefix = "nginx.ingress.kubernetes.io/"
+    lines = [
+        "# Ingress annotations",
+        "",
+        "Generated from `kproxy/ingress/annotations.py` by `tools/gen_config_reference.py`. kproxy uses",
+        "ingress-nginx's annotation names. Every value is checked against a strict grammar; an invalid",
+        "value is reported on the Ingress and ignored, except for the security-relevant ones (marked",
+        "below), which fail closed: the Ingress answers 503 rather than serve a path unprotected.",
+        "Snippet annotations are refused. See `docs/ingress.md` for how they render.",
+        "",
+        "## Supported",
+        "",
+        "| Annotation | Fails closed when invalid |",
+        "|---|---|",
+    ]
+    for name in sorted(annotations.KNOWN_ANNOTATIONS):
+        lines.append(f"| `{prefix}{name}` | {'yes' if annotations.security_relevant(name) else ''} |")
+    lines += [
+        "",
+        "## Known but not supported (reported on the Ingress)",
+        "",
+        ", ".join(f"`{n}`" for n in sorted(annotations._UNSUPPORTED)),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+PAGES = {"configuration.md": render, "ingress-annotations.md": render_annotations}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args()
-    text = render()
-    if args.check:
-        if not OUT.exists() or OUT.read_text() != text:
-            print(f"{OUT} is out of date: run python tools/gen_config_reference.py", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text)
+    stale = []
+    for name, fn in PAGES.items():
+        out, text = DOCS / name, fn()
+        if args.check:
+            if not out.exists() or out.read_text() != text:
+                stale.append(str(out))
+        else:
+            out.write_text(text)
+    if stale:
+        print(f"out of date: {', '.join(stale)}: run python tools/gen_config_reference.py", file=sys.stderr)
+        return 1
     return 0
 
 
