@@ -7,37 +7,19 @@ unless --strict.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from functools import wraps
 from typing import Any, TypeVar
 
 import click
 
 from kproxy import __version__
+from kproxy.cli_exits import exits
 from kproxy.config import MODES, ProxyConfig, parse_cidr_list, parse_nodeport_addresses, validate
 from kproxy.errors import BackendError, ConfigError, InputError, InvalidObject
 from kproxy.ipvs_mode import ipvs_options
 from kproxy.model import ClusterState, IPFamily
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _exits(fn: F) -> F:
-    """Map the error tree to the exit statuses of the contract."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (ConfigError, InputError) as e:
-            click.echo(f"kproxy: {e}", err=True)
-            sys.exit(2)
-        except BackendError as e:
-            click.echo(f"kproxy: {e}", err=True)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
 
 
 @click.group()
@@ -130,7 +112,7 @@ def _require_mode(mode: str) -> None:
 @state_options
 @click.option("--dry-run", is_flag=True, help="Print what would be written; change nothing.")
 @ipvs_options
-@_exits
+@exits
 def sync(dry_run: bool, **kw: Any) -> None:
     """Read the cluster state once, program this network namespace once, and exit."""
     from kproxy.backends.conntrack import Conntrack
@@ -199,7 +181,7 @@ def _parse_dst(text: str) -> tuple[str, int, str]:
 @click.option("--dst", required=True, help="IP:PORT[/tcp|udp|sctp] (IPv6 as [IP]:PORT).")
 @click.option("--iface", default="eth0", show_default=True, help="Interface the packet arrives on.")
 @ipvs_options
-@_exits
+@exits
 def trace(src: str, dst: str, iface: str, **kw: Any) -> None:
     """Explain where a packet goes through the rules kproxy would render for this node."""
     from kproxy.convert import parse_ip
@@ -241,7 +223,7 @@ def trace(src: str, dst: str, iface: str, **kw: Any) -> None:
 @main.command()
 @click.option("--mode", type=click.Choice(MODES + ("all",)), default="all", show_default=True)
 @click.option("--upstream", is_flag=True, help="Also remove kube-proxy's leftovers (KUBE- chains).")
-@_exits
+@exits
 def cleanup(mode: str, upstream: bool) -> None:
     """Remove everything kproxy created in this network namespace, and nothing else."""
     from kproxy.cleanup import cleanup_iptables

@@ -8,33 +8,17 @@ path or annotation is named on stderr and is no reason to stop, unless ``--stric
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from kproxy.cli_exits import exits
 from kproxy.errors import BackendError, ConfigError, InputError, InvalidObject
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _exits(fn: F) -> F:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (ConfigError, InputError) as e:
-            click.echo(f"kproxy: {e}", err=True)
-            sys.exit(2)
-        except BackendError as e:
-            click.echo(f"kproxy: {e}", err=True)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
 
 
 @click.group()
@@ -127,7 +111,7 @@ def _absolute(path: str, flag: str) -> str:
 )
 @class_flags
 @click.option("--strict", is_flag=True, help="Exit 2 if any object, path or annotation was rejected.")
-@_exits
+@exits
 def render(
     state_paths: tuple[str, ...],
     http_port: int,
@@ -276,7 +260,7 @@ def _endpoints(objs: Iterable[dict[str, Any]], rejected: list[InvalidObject]) ->
     show_default=True,
     help="/metrics, /healthz (ready after the first successful apply) and /livez.",
 )
-@_exits
+@exits
 def controller(**kw: Any) -> None:
     """Watch Ingresses, render, check (nginx -t), swap, reload nginx, publish status."""
     from kproxy.ingress.controller import ControllerConfig, IngressController, serve_health
@@ -375,7 +359,7 @@ def _stop_on_signals() -> threading.Event:
 @click.option("--min-sync-period", default=1.0, show_default=True, type=click.FloatRange(0, 3600))
 @click.option("--metrics-bind-address", default="", help="With --watch: serve /metrics and /healthz here.")
 @click.option("--strict", is_flag=True, help="Exit 2 if any Pod was skipped.")
-@_exits
+@exits
 def hostports(
     node_name: str,
     state_paths: tuple[str, ...],
