@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from kproxy.ingress.nginx import NginxConfig
+from kproxy.testing.certs import Cert, make_cert  # noqa: F401  (re-exported to the tests)
 
 # The seed tables and Ingress builders live in tests/unit/test_ingress_routes.py; one copy of
 # the rows serves both the pure tests and these real-nginx ones.
@@ -113,56 +114,6 @@ def start_backend(name: str, tls: ssl.SSLContext | None = None) -> Backend:
 
 
 # --- certificates ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Cert:
-    host: str
-    crt: Path
-    key: Path
-
-    def secret(self, name: str, namespace: str = "default") -> dict[str, Any]:
-        return {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "type": "kubernetes.io/tls",
-            "metadata": {"name": name, "namespace": namespace},
-            "data": {
-                "tls.crt": base64.b64encode(self.crt.read_bytes()).decode(),
-                "tls.key": base64.b64encode(self.key.read_bytes()).decode(),
-            },
-        }
-
-
-def make_cert(directory: Path, host: str) -> Cert:
-    stem = host.replace("*", "wildcard")
-    crt, key = directory / f"{stem}.crt", directory / f"{stem}.key"
-    subprocess.run(
-        [
-            OPENSSL,
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            f"/CN={host}",
-            "-addext",
-            f"subjectAltName=DNS:{host}",
-            "-keyout",
-            str(key),
-            "-out",
-            str(crt),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    return Cert(host, crt, key)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from kproxy.ingress.convert import build_routes
 from kproxy.ingress.model import RoutingTable
 from kproxy.ingress.nginx import NginxConfig, NginxOptions, UpstreamMode, render
 from kproxy.model import Endpoint, Service, ServicePortName
+from kproxy.testing.certs import make_cert
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 OPENSSL = shutil.which("openssl")
@@ -106,43 +107,9 @@ def real_tls_secrets() -> Iterator[list[dict[str, Any]]]:
         pytest.skip("openssl not installed")
     d = Path(tempfile.mkdtemp(prefix="kproxy-certs-"))
     try:
-        out = []
-        for name, host in (("tls-a", "a.example.com"), ("tls-w", "*.w.example.com")):
-            subprocess.run(
-                [
-                    OPENSSL,
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1",
-                    "-nodes",
-                    "-days",
-                    "2",
-                    "-subj",
-                    f"/CN={host}",
-                    "-addext",
-                    f"subjectAltName=DNS:{host}",
-                    "-keyout",
-                    str(d / f"{name}.key"),
-                    "-out",
-                    str(d / f"{name}.crt"),
-                ],
-                check=True,
-                capture_output=True,
-                timeout=30,
-            )
-            out.append(
-                {
-                    "type": "kubernetes.io/tls",
-                    "metadata": {"name": name, "namespace": "default"},
-                    "data": {
-                        k: base64.b64encode((d / f"{name}.{ext}").read_bytes()).decode()
-                        for k, ext in (("tls.crt", "crt"), ("tls.key", "key"))
-                    },
-                }
-            )
+        out = [
+            make_cert(d, host).secret(name) for name, host in (("tls-a", "a.example.com"), ("tls-w", "*.w.example.com"))
+        ]
         yield out
     finally:
         shutil.rmtree(d, ignore_errors=True)
