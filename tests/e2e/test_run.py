@@ -297,7 +297,8 @@ def test_health_metrics_and_health_check_node_port(env: Env) -> None:
     assert env.metric("kubeproxy_proxy_healthz_total", code="200") == 1
     assert env.metric("kproxy_invalid_objects_total", kind="Service") == 1
     assert env.get(10249, "/proxyMode") == (200, b"iptables")
-    assert env.kproxy.events("object_invalid")[0]["object"] == "Service default/broken"
+    invalid = wait_for(lambda: env.kproxy.events("object_invalid"), message="the invalid Service logged")
+    assert invalid[0]["object"] == "Service default/broken"
 
 
 @pytest.mark.parametrize("how", [("-F",), ("-F", "-X")], ids=["flushed", "flushed-and-deleted"])
@@ -311,7 +312,12 @@ def test_rules_removed_by_hand_come_back_within_a_sync_period(env: Env, how: tup
     converges_to(env, BOTH, "rules restored")
     assert time.monotonic() - started < SYNC_PERIOD + 3.0
     assert "-N KPROXY-PROXY-CANARY" in env.iptables("-t", "nat", "-S")
-    repairs = [e for e in env.kproxy.events("sync_complete") if e["kind"] == "full"][fulls:]
+    # Packets flow as soon as the transaction lands; the sync's log line follows a moment later.
+    repairs = wait_for(
+        lambda: [e for e in env.kproxy.events("sync_complete") if e["kind"] == "full"][fulls:],
+        timeout=5.0,
+        message="the repairing full sync logged",
+    )
     assert repairs and repairs[0]["reason"] in ("canary", "tampered")
 
 
