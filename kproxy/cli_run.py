@@ -92,9 +92,13 @@ def _main(loaded: LoadedConfig) -> int:
     log = get_logger("kproxy.run")
     try:
         if cfg.cleanup:
+            # Every mode's leftovers whatever the configured mode, as kube-proxy --cleanup: the
+            # mode a node ran before is not known.
             from kproxy.cleanup import cleanup_iptables
+            from kproxy.ipvs_mode import cleanup_ipvs
 
-            log.info("cleanup_complete", removed_chains=cleanup_iptables())
+            removed = cleanup_iptables()
+            log.info("cleanup_complete", removed_chains=removed, ipvs=cleanup_ipvs())
             return 0
         from kproxy.daemon import build_daemon
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 import re
 import socket
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from ipaddress import ip_address
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from kproxy.model import IPFamily
 from kproxy.proxier.context import DETECT_CLUSTER_CIDR, DETECT_MODES
 
 MODES = ("iptables", "ipvs", "nftables")
+RUN_MODES = ("iptables", "ipvs")  # what `kproxy run` can run
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,55 @@ class ProxyConfig:
 
     def cluster_cidr(self, family: IPFamily) -> str:
         return next((c for c in self.cluster_cidrs if (":" in c) == (family is IPFamily.V6)), "")
+
+
+# kube-proxy's IPVS schedulers (ipvsadm's names); rr is upstream's default.
+SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh")
+DEFAULT_SCHEDULER = "rr"
+
+
+@dataclass(frozen=True, slots=True)
+class IpvsConfig:
+    """kube-proxy's `ipvs` section (flags --ipvs-*)."""
+
+    scheduler: str = DEFAULT_SCHEDULER
+    strict_arp: bool = False
+    # Seconds; 0 leaves the kernel's value, as `ipvsadm --set` with 0.
+    tcp_timeout: float = 0.0
+    tcp_fin_timeout: float = 0.0
+    udp_timeout: float = 0.0
+    # Virtual servers inside these CIDRs are never deleted by a sync (someone else's).
+    exclude_cidrs: tuple[str, ...] = ()
+
+
+# The --ipvs-* flag of each `ipvs` field, named in errors when no other origin is known.
+IPVS_FLAGS = {
+    "ipvs.scheduler": "--ipvs-scheduler",
+    "ipvs.tcpTimeout": "--ipvs-tcp-timeout",
+    "ipvs.tcpFinTimeout": "--ipvs-tcpfin-timeout",
+    "ipvs.udpTimeout": "--ipvs-udp-timeout",
+    "ipvs.excludeCIDRs": "--ipvs-exclude-cidrs",
+}
+
+
+def validate_ipvs_config(cfg: IpvsConfig, where: Callable[[str], str] = IPVS_FLAGS.__getitem__) -> IpvsConfig:
+    """`cfg` with the default scheduler filled in; errors name `where(field path)`."""
+    sched = cfg.scheduler or DEFAULT_SCHEDULER
+    if sched not in SCHEDULERS:
+        raise ConfigError(f"{where('ipvs.scheduler')}: {cfg.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    for path, value in (
+        ("ipvs.tcpTimeout", cfg.tcp_timeout),
+        ("ipvs.tcpFinTimeout", cfg.tcp_fin_timeout),
+        ("ipvs.udpTimeout", cfg.udp_timeout),
+    ):
+        if value < 0:
+            raise ConfigError(f"{where(path)}: must be 0 or more")
+    for cidr in cfg.exclude_cidrs:
+        try:
+            ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(f"{where('ipvs.excludeCIDRs')}: {cidr!r} is not a CIDR") from None
+    return cfg if sched == cfg.scheduler else replace(cfg, scheduler=sched)
 
 
 def parse_cidr_list(text: str, flag: str) -> tuple[str, ...]:
@@ -203,14 +253,14 @@ FIELDS: dict[str, Field] = {
         _f("iptables.snatNodeInternalIP", "bool", False, False, zero_is_default=False),
         _f("iptables.syncPeriod", "duration", 30.0, True),
         _f("iptables.minSyncPeriod", "duration", 1.0, True),
-        _f("ipvs.syncPeriod", "duration", 30.0, False),
-        _f("ipvs.minSyncPeriod", "duration", 0.0, False),
-        _f("ipvs.scheduler", "str", "", False),
-        _f("ipvs.excludeCIDRs", "list", [], False),
-        _f("ipvs.strictARP", "bool", False, False),
-        _f("ipvs.tcpTimeout", "duration", 0.0, False),
-        _f("ipvs.tcpFinTimeout", "duration", 0.0, False),
-        _f("ipvs.udpTimeout", "duration", 0.0, False),
+        _f("ipvs.syncPeriod", "duration", 30.0, True),
+        _f("ipvs.minSyncPeriod", "duration", 0.0, True),
+        _f("ipvs.scheduler", "str", "", True),
+        _f("ipvs.excludeCIDRs", "list", [], True),
+        _f("ipvs.strictARP", "bool", False, True),
+        _f("ipvs.tcpTimeout", "duration", 0.0, True),
+        _f("ipvs.tcpFinTimeout", "duration", 0.0, True),
+        _f("ipvs.udpTimeout", "duration", 0.0, True),
         _f("nftables.masqueradeBit", "int", 14, False, zero_is_default=False),
         _f("nftables.masqueradeAll", "bool", False, False),
         _f("nftables.syncPeriod", "duration", 30.0, False),
@@ -291,23 +341,23 @@ FLAGS: tuple[Flag, ...] = (
     _flag("bind-address-hard-fail", "bindAddressHardFail", "Exit if healthz or metrics cannot bind."),
     _flag("profiling", "enableProfiling"),
     _flag("show-hidden-metrics-for-version", "showHiddenMetricsForVersion"),
-    _flag("proxy-mode", "mode", "iptables (the only mode of this build)."),
+    _flag("proxy-mode", "mode", "iptables or ipvs [iptables]."),
     _flag("mode", "mode", "Alias of --proxy-mode."),
     _flag("iptables-masquerade-bit", "iptables.masqueradeBit", "fwmark bit for SNAT, 0-31."),
     _flag("masquerade-all", "iptables.masqueradeAll", "SNAT all traffic sent to Service cluster IPs."),
     _flag("iptables-localhost-nodeports", "iptables.localhostNodePorts", "IPv4 NodePorts on 127.0.0.1."),
     _flag("iptables-sync-period", "iptables.syncPeriod", "Resync and check our rules at least this often."),
-    _flag("sync-period", "iptables.syncPeriod", "Alias of --iptables-sync-period."),
+    _flag("sync-period", "iptables.syncPeriod", "The running mode's sync period, whichever mode."),
     _flag("iptables-min-sync-period", "iptables.minSyncPeriod", "Minimum time between syncs."),
-    _flag("min-sync-period", "iptables.minSyncPeriod", "Alias of --iptables-min-sync-period."),
-    _flag("ipvs-sync-period", "ipvs.syncPeriod"),
-    _flag("ipvs-min-sync-period", "ipvs.minSyncPeriod"),
-    _flag("ipvs-scheduler", "ipvs.scheduler"),
-    _flag("ipvs-exclude-cidrs", "ipvs.excludeCIDRs"),
-    _flag("ipvs-strict-arp", "ipvs.strictARP"),
-    _flag("ipvs-tcp-timeout", "ipvs.tcpTimeout"),
-    _flag("ipvs-tcpfin-timeout", "ipvs.tcpFinTimeout"),
-    _flag("ipvs-udp-timeout", "ipvs.udpTimeout"),
+    _flag("min-sync-period", "iptables.minSyncPeriod", "The running mode's minimum sync interval."),
+    _flag("ipvs-sync-period", "ipvs.syncPeriod", "IPVS mode: resync at least this often."),
+    _flag("ipvs-min-sync-period", "ipvs.minSyncPeriod", "IPVS mode: minimum time between syncs."),
+    _flag("ipvs-scheduler", "ipvs.scheduler", "IPVS mode: rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, mh [rr]."),
+    _flag("ipvs-exclude-cidrs", "ipvs.excludeCIDRs", "IPVS mode: CIDRs whose virtual servers are not ours."),
+    _flag("ipvs-strict-arp", "ipvs.strictARP", "IPVS mode: arp_ignore=1, arp_announce=2."),
+    _flag("ipvs-tcp-timeout", "ipvs.tcpTimeout", "IPVS mode: idle TCP timeout; 0 leaves it."),
+    _flag("ipvs-tcpfin-timeout", "ipvs.tcpFinTimeout", "IPVS mode: TCP FIN_WAIT timeout; 0 leaves it."),
+    _flag("ipvs-udp-timeout", "ipvs.udpTimeout", "IPVS mode: UDP timeout; 0 leaves it."),
     _flag("detect-local-mode", "detectLocalMode", "ClusterCIDR|NodeCIDR|BridgeInterface|InterfaceNamePrefix"),
     _flag("pod-bridge-interface", "detectLocal.bridgeInterface", "Pods' bridge (BridgeInterface mode)."),
     _flag("pod-interface-name-prefix", "detectLocal.interfaceNamePrefix", "Pods' interface prefix."),
@@ -395,6 +445,7 @@ class RunConfig:
     write_config_to: str = ""
     cleanup: bool = False
     init_only: bool = False
+    ipvs: IpvsConfig = IpvsConfig()
 
     @property
     def log_level(self) -> str:
@@ -467,6 +518,7 @@ def load_run_config(flags: Mapping[str, Any], *, hostname: str | None = None) ->
             ignored.append(f"{origin[path]}={_show(values[path])}")
 
     config = _build(values, origin, flag_only, config_file, hostname)
+    ignored += _other_mode_fields(config.proxy.mode, values, origin)
     return LoadedConfig(
         config=config,
         ignored=tuple(ignored),
@@ -474,6 +526,31 @@ def load_run_config(flags: Mapping[str, Any], *, hostname: str | None = None) ->
         overriding=tuple(overriding),
         values=values,
     )
+
+
+# Fields only one mode reads (kube-proxy ignores them silently in the other).
+MODE_FIELDS = {
+    "iptables": ("iptables.syncPeriod", "iptables.minSyncPeriod"),
+    "ipvs": tuple(p for p in FIELDS if p.startswith("ipvs.")),
+}
+
+
+def acted_on(path: str) -> str:
+    """For the reference: "yes", "no", or the one mode that reads the field."""
+    if not FIELDS[path].acted:
+        return "no"
+    return next((f"{mode} mode" for mode, paths in MODE_FIELDS.items() if path in paths), "yes")
+
+
+def _other_mode_fields(mode: str, values: Mapping[str, Any], origin: Mapping[str, str]) -> list[str]:
+    read = set(_sync_period_fields(mode, origin))
+    return [
+        f"{origin[path]}={_show(values[path])}"
+        for other, paths in MODE_FIELDS.items()
+        if other != mode
+        for path in paths
+        if path not in read and _differs(FIELDS[path], values[path])
+    ]
 
 
 def _is_set(value: Any) -> bool:
@@ -717,10 +794,10 @@ def _build(
         return origin[path]
 
     mode = values["mode"] or "iptables"
-    if mode not in ("iptables", "ipvs", "nftables"):
+    if mode not in MODES:
         raise ConfigError(f"{where('mode')}: {mode!r} is not iptables, ipvs or nftables")
-    if mode != "iptables":
-        raise ConfigError(f"{where('mode')}: {mode!r}: this build of kproxy has the iptables mode only")
+    if mode not in RUN_MODES:
+        raise ConfigError(f"{where('mode')}: {mode!r}: this build of kproxy runs the iptables and ipvs modes only")
 
     node_name = (values["hostnameOverride"] or "").strip().lower()
     if not node_name:
@@ -759,12 +836,23 @@ def _build(
     masq_bit = values["iptables.masqueradeBit"]
     if not 0 <= masq_bit <= 31:
         raise ConfigError(f"{where('iptables.masqueradeBit')}: {masq_bit} is not in 0-31")
-    sync_period = values["iptables.syncPeriod"]
-    min_sync = values["iptables.minSyncPeriod"]
+    period_path, min_path = _sync_period_fields(mode, origin)
+    sync_period, min_sync = values[period_path], values[min_path]
     if sync_period <= 0:
-        raise ConfigError(f"{where('iptables.syncPeriod')}: must be greater than 0")
+        raise ConfigError(f"{where(period_path)}: must be greater than 0")
     if min_sync < 0:
-        raise ConfigError(f"{where('iptables.minSyncPeriod')}: must be 0 or more")
+        raise ConfigError(f"{where(min_path)}: must be 0 or more")
+    ipvs = validate_ipvs_config(
+        IpvsConfig(
+            scheduler=values["ipvs.scheduler"],
+            strict_arp=values["ipvs.strictARP"],
+            tcp_timeout=values["ipvs.tcpTimeout"],
+            tcp_fin_timeout=values["ipvs.tcpFinTimeout"],
+            udp_timeout=values["ipvs.udpTimeout"],
+            exclude_cidrs=parse_cidr_list(",".join(values["ipvs.excludeCIDRs"]), where("ipvs.excludeCIDRs")),
+        ),
+        where,
+    )
     if values["configSyncPeriod"] <= 0:
         raise ConfigError(f"{where('configSyncPeriod')}: must be greater than 0")
 
@@ -848,6 +936,21 @@ def _build(
         write_config_to=str(flag_only.get("write-config-to", "")),
         cleanup=bool(flag_only.get("cleanup", False)),
         init_only=bool(flag_only.get("init-only", False)),
+        ipvs=ipvs,
+    )
+
+
+def _sync_period_fields(mode: str, origin: Mapping[str, str]) -> tuple[str, str]:
+    """The fields holding this mode's sync period and minimum sync interval.
+
+    As kube-proxy: each mode reads its own section. The mode-neutral flags are stored in the
+    iptables fields, so in the IPVS mode they win over the ipvs ones when given.
+    """
+    if mode != "ipvs":
+        return "iptables.syncPeriod", "iptables.minSyncPeriod"
+    return (
+        "iptables.syncPeriod" if origin["iptables.syncPeriod"] == "--sync-period" else "ipvs.syncPeriod",
+        "iptables.minSyncPeriod" if origin["iptables.minSyncPeriod"] == "--min-sync-period" else "ipvs.minSyncPeriod",
     )
 
 

@@ -2,7 +2,8 @@
 
 Wiring: three reflectors (Services, EndpointSlices, this node's Node by field selector) feed the
 change trackers; a bounded-frequency runner calls `Daemon.sync` on its one thread; each sync
-programs one `IptablesProxier` per IP family of the kernel. Guarantees:
+programs one proxier per IP family of the kernel: an `IptablesProxier`, or in the IPVS mode an
+`IpvsProxier` (whose netlink socket therefore lives in the runner's thread). Guarantees:
 
 - **Nothing is programmed before every resource has been listed once.** Until then no sync runs,
   so a daemon that cannot reach the API server leaves the rules it found exactly as they are.
@@ -13,6 +14,12 @@ programs one `IptablesProxier` per IP family of the kernel. Guarantees:
   (then a full sync follows at once). Every other sync is partial: it writes only the chains whose
   rules changed; a chain someone deleted is rewritten either way. So rules removed by hand are
   back within one sync period (plus the minimum sync interval).
+- **The IPVS mode** also syncs in full once per sync period ("periodic"), as upstream's IPVS mode
+  syncs every time: a real server, ipset entry or address someone removed by hand is only seen
+  by a full read. Partial syncs read the virtual server list and the real servers of what
+  changed or still drains, so a deleted virtual server comes back at the next sync. Graceful
+  termination needs no timer of its own: every sync (at least one per sync period) deletes the
+  draining real servers whose connections have ended.
 - **Adoption.** A restarted daemon's first (full) sync rewrites every chain in one
   ``iptables-restore --noflush`` transaction per family: rules are replaced atomically, nothing is
   flushed first, and conntrack keeps established flows on their endpoints.
@@ -35,7 +42,7 @@ import ipaddress
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -59,10 +66,11 @@ from kproxy.httpd import HTTPServer
 from kproxy.metrics import ProxyMetrics
 from kproxy.metrics import serve as serve_metrics
 from kproxy.model import IPFamily, Node, family_of
+from kproxy.proxier import ipvs as pv
 from kproxy.proxier.base import FamilyView, node_context
 from kproxy.proxier.context import NodeContext
 from kproxy.proxier.iptables import JUMPS
-from kproxy.proxier.iptables_proxier import IptablesProxier, SyncResult
+from kproxy.proxier.iptables_proxier import IptablesProxier
 from kproxy.runner import BoundedFrequencyRunner, Clock, MonotonicClock
 from kproxy.tracker import ChangeTrackers, Checkout
 from kproxy.views import IncrementalView
@@ -71,6 +79,27 @@ log = structlog.get_logger(__name__)
 
 Obj = dict[str, Any]
 RESOURCES = ("services", "endpointslices", "nodes")
+
+
+Jump = tuple[str, str, str, str, str]
+
+
+class SyncOutcome(Protocol):
+    """What the daemon reads of a proxier's sync result (both modes' results have it)."""
+
+    full: bool
+    services: int
+    endpoints: int
+    render_seconds: float
+    apply_seconds: float
+    no_local_internal: int
+    no_local_external: int
+
+    def log_fields(self) -> dict[str, int]: ...
+
+
+class Proxier(Protocol):
+    def sync(self, view: FamilyView, ctx: NodeContext, *, full: bool = False) -> SyncOutcome: ...
 
 
 class Host(Protocol):
@@ -113,8 +142,9 @@ class CanaryHidden:
     with a full one at once instead of waiting for the periodic canary check.
     """
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, jumps: tuple[Jump, ...] = JUMPS) -> None:
         self.inner = inner
+        self.jumps = jumps
         self.family = inner.family
         self.variant = inner.variant
         self.expect_intact = False
@@ -122,7 +152,7 @@ class CanaryHidden:
 
     def save(self, tables: tuple[str, ...] = ("filter", "nat"), prefixes: tuple[str, ...] = ("KPROXY-",)) -> SavedState:
         saved = self.inner.save(tables, prefixes)
-        if self.expect_intact and _tampered(saved, tables):
+        if self.expect_intact and _tampered(saved, tables, self.jumps):
             self.tampered = True
         chains = {t: names - {CANARY_CHAIN} for t, names in saved.chains.items()}
         return SavedState(chains, saved.jumps, saved.jump_rules)
@@ -131,37 +161,55 @@ class CanaryHidden:
         self.inner.restore(text)
 
 
-def _tampered(saved: SavedState, tables: tuple[str, ...]) -> bool:
+def _tampered(saved: SavedState, tables: tuple[str, ...], expected: tuple[Jump, ...]) -> bool:
     for table in tables:
         if CANARY_CHAIN not in saved.chains.get(table, {CANARY_CHAIN}):
             return True
         jumps = saved.jumps.get(table, set())
-        if any((builtin, target) not in jumps for t, builtin, _, target, _ in JUMPS if t == table):
+        if any((builtin, target) not in jumps for t, builtin, _, target, _ in expected if t == table):
             return True
     return False
 
 
+def iptables_mode(listing: CanaryHidden) -> Proxier:
+    # Conntrack cleanup is the daemon's (only when UDP endpoints changed), not the proxier's.
+    return IptablesProxier(listing, None)  # type: ignore[arg-type]
+
+
 @dataclass
 class FamilyPlane:
-    """The data plane of one IP family: its iptables (real or fake), conntrack, and the canary."""
+    """The data plane of one IP family: its iptables (real or fake), conntrack, the canary, and
+    the mode's proxier, built by `make_proxier` over the canary-hiding view of that iptables."""
 
     family: IPFamily
     iptables: Any  # Iptables, or kproxy.testing.fakeiptables.FakeIptables
     conntrack: Conntrack | None = None
     canary_check: Callable[[Any], bool] = canary_intact
     canary_create: Callable[[Any], None] = ensure_canary
-    proxier: IptablesProxier = field(init=False)
-
+    make_proxier: Callable[[CanaryHidden], Proxier] = iptables_mode
+    # The jumps from built-in chains whose absence means our rules were flushed.
+    jumps: tuple[Jump, ...] = JUMPS
+    proxier: Proxier = field(init=False)
     listing: CanaryHidden = field(init=False)
 
     def __post_init__(self) -> None:
-        self.listing = CanaryHidden(self.iptables)
-        # Conntrack cleanup is the daemon's (only when UDP endpoints changed), not the proxier's.
-        self.proxier = IptablesProxier(self.listing, None)  # type: ignore[arg-type]
+        self.listing = CanaryHidden(self.iptables, self.jumps)
+        self.proxier = self.make_proxier(self.listing)
 
 
-def real_planes(variant: str) -> dict[IPFamily, FamilyPlane]:
-    return {f: FamilyPlane(f, Iptables(f, variant), Conntrack(f)) for f in kernel_families()}
+def real_planes(cfg: RunConfig, variant: str) -> dict[IPFamily, FamilyPlane]:
+    """One plane per IP family of this kernel, in the configured mode."""
+    if cfg.proxy.mode != "ipvs":
+        return {f: FamilyPlane(f, Iptables(f, variant), Conntrack(f)) for f in kernel_families()}
+    from kproxy.proxier.ipvs_proxier import real_ipvs_proxier
+
+    def ipvs_mode(family: IPFamily) -> Callable[[CanaryHidden], Proxier]:
+        return lambda listing: real_ipvs_proxier(family, cfg.ipvs, listing, None)
+
+    return {
+        f: FamilyPlane(f, Iptables(f, variant), Conntrack(f), make_proxier=ipvs_mode(f), jumps=pv.JUMPS)
+        for f in kernel_families()
+    }
 
 
 class Daemon:
@@ -213,6 +261,8 @@ class Daemon:
         self._conntrack_pending = True
         self._pending_triggers: list[float] = []
         self._next_canary_check = 0.0
+        self._full_every_period = p.mode == "ipvs"
+        self._next_periodic_full = 0.0
         self._reflectors: list[Any] = []
         self._servers: list[HTTPServer] = []
         self.syncs = 0
@@ -407,7 +457,7 @@ class Daemon:
         # half-way must not leave a view behind the trackers.
         views = {f: v.update(snap.state, snap.changed, snap.slices_by_service) for f, v in self._views.items()}
         contexts = {f: self._context(f, node) for f in self.planes}
-        results: list[SyncResult] = []
+        results: list[SyncOutcome] = []
         try:
             for family, plane in self.planes.items():
                 results.append(plane.proxier.sync(views[family], contexts[family], full=full))
@@ -420,6 +470,8 @@ class Daemon:
             return self._failed(e, full, started, len(snap.changed))
         self._need_full = False
         self._first_done = True
+        if full:
+            self._next_periodic_full = self._clock.now() + self.cfg.proxy.sync_period
         self._after_sync(snap, views, contexts)
         self._observe(results, snap, started, full, reason)
         self._follow_up_if_tampered(full)
@@ -446,6 +498,8 @@ class Daemon:
             return "topology"
         if self._canary_missing():
             return "canary"
+        if self._full_every_period and self._clock.now() >= self._next_periodic_full:
+            return "periodic"
         return ""
 
     def _context(self, family: IPFamily, node: Node | None) -> NodeContext:
@@ -521,7 +575,7 @@ class Daemon:
                 log.warning("conntrack_cleanup_failed", family=int(family), error=str(e))
         return ok
 
-    def _observe(self, results: list[SyncResult], snap: Checkout, started: float, full: bool, reason: str) -> None:
+    def _observe(self, results: list[SyncOutcome], snap: Checkout, started: float, full: bool, reason: str) -> None:
         elapsed = time.perf_counter() - started
         kind_full = full or any(r.full for r in results)
         m = self.metrics
@@ -545,12 +599,19 @@ class Daemon:
             service_ports=sum(r.services for r in results),
             endpoints=sum(r.endpoints for r in results),
             changed=len(snap.changed),
-            written=sum(sum(r.written.values()) for r in results),
-            deleted=sum(sum(r.deleted.values()) for r in results),
+            **_summed(r.log_fields() for r in results),
             render_ms=round(sum(r.render_seconds for r in results) * 1000, 1),
             apply_ms=round(sum(r.apply_seconds for r in results) * 1000, 1),
             duration_ms=round(elapsed * 1000, 1),
         )
+
+
+def _summed(fields: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for one in fields:
+        for key, value in one.items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 def _file_stamp(path: str) -> tuple[int, int, int, int] | None:
@@ -592,7 +653,7 @@ def build_daemon(cfg: RunConfig, **options: Any) -> Daemon:
     if cfg.master:
         configuration.host = cfg.master
     variant = cfg.proxy.iptables_backend or detect_variant()
-    return Daemon(cfg, real_planes(variant), configuration, metrics=ProxyMetrics(process=True), **options)
+    return Daemon(cfg, real_planes(cfg, variant), configuration, metrics=ProxyMetrics(process=True), **options)
 
 
 __all__ = [

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-from kproxy.config import ProxyConfig
+from kproxy.config import DEFAULT_SCHEDULER, SCHEDULERS, IpvsConfig, ProxyConfig, validate_ipvs_config
 from kproxy.errors import BackendError, ConfigError
 from kproxy.model import ClusterState, IPFamily
 from kproxy.proxier import ipvs as pv
@@ -64,9 +64,9 @@ def ipvs_options(fn: F) -> F:
         [
             click.option(
                 "--ipvs-scheduler",
-                default=pv.DEFAULT_SCHEDULER,
+                default=DEFAULT_SCHEDULER,
                 show_default=True,
-                help=f"IPVS mode: scheduler ({', '.join(pv.SCHEDULERS)}).",
+                help=f"IPVS mode: scheduler ({', '.join(SCHEDULERS)}).",
             ),
             click.option("--ipvs-strict-arp", is_flag=True, help="IPVS mode: arp_ignore=1, arp_announce=2."),
             click.option("--ipvs-tcp-timeout", default="0", help="IPVS mode: idle TCP timeout (900s; 0 keeps)."),
@@ -81,12 +81,12 @@ def ipvs_options(fn: F) -> F:
     return fn
 
 
-def ipvs_config(kw: dict[str, Any]) -> pv.IpvsConfig:
+def ipvs_config(kw: dict[str, Any]) -> IpvsConfig:
     from kproxy.config import parse_cidr_list
 
-    return pv.validate_ipvs_config(
-        pv.IpvsConfig(
-            scheduler=kw.get("ipvs_scheduler") or pv.DEFAULT_SCHEDULER,
+    return validate_ipvs_config(
+        IpvsConfig(
+            scheduler=kw.get("ipvs_scheduler") or DEFAULT_SCHEDULER,
             strict_arp=bool(kw.get("ipvs_strict_arp")),
             tcp_timeout=parse_seconds(kw.get("ipvs_tcp_timeout") or "0", "--ipvs-tcp-timeout"),
             tcp_fin_timeout=parse_seconds(kw.get("ipvs_tcpfin_timeout") or "0", "--ipvs-tcpfin-timeout"),
@@ -96,31 +96,16 @@ def ipvs_config(kw: dict[str, Any]) -> pv.IpvsConfig:
     )
 
 
-def make_proxier(
-    family: IPFamily, cfg: ProxyConfig, ipvs_cfg: pv.IpvsConfig, variant: str, conntrack: bool = True
-) -> Any:
+def make_proxier(family: IPFamily, ipvs_cfg: IpvsConfig, variant: str, conntrack: bool = True) -> Any:
     """An IpvsProxier over the real backends, for use in the calling thread."""
     from kproxy.backends.conntrack import Conntrack
-    from kproxy.backends.dummy import DummyDevice
-    from kproxy.backends.ipset import Ipset
     from kproxy.backends.iptables import Iptables
-    from kproxy.backends.ipvs import Ipvs
-    from kproxy.proxier.ipvs_proxier import IpvsProxier
+    from kproxy.proxier.ipvs_proxier import real_ipvs_proxier
 
-    return IpvsProxier(
-        family,
-        ipvs_cfg,
-        ipvs=Ipvs(),
-        ipset=Ipset(),
-        iptables=Iptables(family, variant),
-        device=DummyDevice(names.IPVS_DEVICE),
-        conntrack=Conntrack(family) if conntrack else None,
-    )
+    return real_ipvs_proxier(family, ipvs_cfg, Iptables(family, variant), Conntrack(family) if conntrack else None)
 
 
-def sync_ipvs(
-    cfg: ProxyConfig, ipvs_cfg: pv.IpvsConfig, state: ClusterState, *, dry_run: bool, variant: str
-) -> list[Any]:
+def sync_ipvs(cfg: ProxyConfig, ipvs_cfg: IpvsConfig, state: ClusterState, *, dry_run: bool, variant: str) -> list[Any]:
     """One sync per IP family of this kernel; prints the dry-run text or a summary per family."""
     from kproxy.backends.host import local_addresses
     from kproxy.families import kernel_families
@@ -129,7 +114,7 @@ def sync_ipvs(
     node = state.nodes.get(cfg.node_name)
     results = []
     for family in kernel_families():
-        proxier = make_proxier(family, cfg, ipvs_cfg, variant, conntrack=not dry_run)
+        proxier = make_proxier(family, ipvs_cfg, variant, conntrack=not dry_run)
         note = ""
         try:
             bound = _bound(proxier)
@@ -162,7 +147,7 @@ def _bound(proxier: Any) -> set[str]:
 
 def trace_ipvs(
     cfg: ProxyConfig,
-    ipvs_cfg: pv.IpvsConfig,
+    ipvs_cfg: IpvsConfig,
     state: ClusterState,
     family: IPFamily,
     host: tuple[str, ...],

@@ -39,6 +39,11 @@ def render() -> str:
         "prints it. Settings kproxy does not act on are accepted and named in one `config_ignored`",
         "warning at start-up; invalid values stop start-up with a message naming the field or flag.",
         "",
+        "`mode` is `iptables` or `ipvs` (`nftables` is refused: no such mode yet). A field marked with",
+        "a mode is read in that mode only, and named in the warning when set in the other one;",
+        "`--sync-period` and `--min-sync-period` set the running mode's periods, whichever it is. The",
+        "`iptables` section's masquerading settings apply in both modes, as in kube-proxy.",
+        "",
         "## KubeProxyConfiguration fields",
         "",
         "| Field | Type | Default | Acted on | Flags |",
@@ -47,7 +52,7 @@ def render() -> str:
     for path in sorted(config.FIELDS):
         fld = config.FIELDS[path]
         lines.append(
-            f"| `{path}` | {fld.kind} | {_show(fld.default)} | {'yes' if fld.acted else 'no'} | "
+            f"| `{path}` | {fld.kind} | {_show(fld.default)} | {config.acted_on(path)} | "
             f"{', '.join(flags_by_path.get(path, []))} |"
         )
     lines += [

@@ -36,6 +36,10 @@ class SyncResult:
     no_local_external: int = 0
     payload: str = ""
 
+    def log_fields(self) -> dict[str, int]:
+        """What this sync wrote, for the daemon's ``sync_complete`` line."""
+        return {"written": sum(self.written.values()), "deleted": sum(self.deleted.values())}
+
 
 class IptablesProxier:
     def __init__(self, iptables: Iptables, conntrack: Conntrack | None) -> None:

@@ -51,7 +51,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from kproxy.errors import ConfigError
+from kproxy.config import DEFAULT_SCHEDULER, IpvsConfig
 from kproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, family_of
 from kproxy.proxier import iptables as ipt
 from kproxy.proxier import names
@@ -62,9 +62,6 @@ MANGLE = "mangle"
 FILTER = ipt.FILTER
 NAT = ipt.NAT
 TABLES = (MANGLE, FILTER, NAT)
-
-SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh")
-DEFAULT_SCHEDULER = "rr"
 
 # include/uapi/linux/ip_vs.h
 SVC_F_PERSISTENT = 0x0001
@@ -155,44 +152,7 @@ assert len(tmp_set_name("x", IPFamily.V6)) <= names.IPSET_NAME_MAX
 # Configuration
 
 
-@dataclass(frozen=True, slots=True)
-class IpvsConfig:
-    """kube-proxy's `ipvs` section (flags --ipvs-*)."""
-
-    scheduler: str = DEFAULT_SCHEDULER
-    strict_arp: bool = False
-    # Seconds; 0 leaves the kernel's value, as `ipvsadm --set` with 0.
-    tcp_timeout: float = 0.0
-    tcp_fin_timeout: float = 0.0
-    udp_timeout: float = 0.0
-    # Virtual servers inside these CIDRs are never deleted by a sync (someone else's).
-    exclude_cidrs: tuple[str, ...] = ()
-
-
 DEFAULT_CONFIG = IpvsConfig()
-
-
-def validate_ipvs_config(cfg: IpvsConfig) -> IpvsConfig:
-    sched = cfg.scheduler or DEFAULT_SCHEDULER
-    if sched not in SCHEDULERS:
-        raise ConfigError(f"--ipvs-scheduler: {cfg.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-    for flag, value in (
-        ("--ipvs-tcp-timeout", cfg.tcp_timeout),
-        ("--ipvs-tcpfin-timeout", cfg.tcp_fin_timeout),
-        ("--ipvs-udp-timeout", cfg.udp_timeout),
-    ):
-        if value < 0:
-            raise ConfigError(f"{flag}: must be 0 or more")
-    for cidr in cfg.exclude_cidrs:
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            raise ConfigError(f"--ipvs-exclude-cidrs: {cidr!r} is not a CIDR") from None
-    if sched != cfg.scheduler:
-        return IpvsConfig(
-            sched, cfg.strict_arp, cfg.tcp_timeout, cfg.tcp_fin_timeout, cfg.udp_timeout, cfg.exclude_cidrs
-        )
-    return cfg
 
 
 def scheduler_flags(scheduler: str) -> int:

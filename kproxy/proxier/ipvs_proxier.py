@@ -36,6 +36,7 @@ from kproxy import conntrack as ct_policy
 from kproxy.backends import ipvs as ipvs_backend
 from kproxy.backends.conntrack import Conntrack
 from kproxy.backends.host import set_sysctl
+from kproxy.config import IpvsConfig, validate_ipvs_config
 from kproxy.errors import BackendError
 from kproxy.model import IPFamily, Protocol
 from kproxy.proxier import ipvs as pv
@@ -89,6 +90,18 @@ class IpvsSyncResult:
     no_local_external: int = 0
     payload: str = ""
 
+    def log_fields(self) -> dict[str, int]:
+        """What this sync wrote, for the daemon's ``sync_complete`` line."""
+        return {
+            "written": sum(self.chains_written.values()),
+            "deleted": sum(self.chains_deleted.values()),
+            "ipvs_writes": len(self.ipvs_ops),
+            "addresses_added": self.addresses_added,
+            "addresses_removed": self.addresses_removed,
+            "ipset_lines": self.ipset_lines,
+            "draining": self.draining,
+        }
+
     def summary(self) -> str:
         name = "IPv4" if self.family == 4 else "IPv6"
         text = (
@@ -129,7 +142,7 @@ class IpvsProxier:
     def __init__(
         self,
         family: IPFamily,
-        cfg: pv.IpvsConfig,
+        cfg: IpvsConfig,
         *,
         ipvs: IpvsTable,
         ipset: Any,
@@ -140,7 +153,7 @@ class IpvsProxier:
         kernel: tuple[int, int] | None = None,
     ) -> None:
         self.family = family
-        self.cfg = pv.validate_ipvs_config(cfg)
+        self.cfg = validate_ipvs_config(cfg)
         self.ipvs = ipvs
         self.ipset = ipset
         self.iptables = iptables
@@ -364,3 +377,22 @@ class IpvsProxier:
             raise
         self._draining = still
         return len(still)
+
+
+def real_ipvs_proxier(family: IPFamily, cfg: IpvsConfig, iptables: Any, conntrack: Conntrack | None) -> IpvsProxier:
+    """An IpvsProxier over the kernel's IPVS, ipset and dummy device, with the given iptables.
+
+    Its netlink socket opens in the first thread that syncs: use it from that thread only.
+    """
+    from kproxy.backends.dummy import DummyDevice
+    from kproxy.backends.ipset import Ipset
+
+    return IpvsProxier(
+        family,
+        cfg,
+        ipvs=ipvs_backend.Ipvs(),
+        ipset=Ipset(),
+        iptables=iptables,
+        device=DummyDevice(names.IPVS_DEVICE),
+        conntrack=conntrack,
+    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from kproxy.config import ProxyConfig, validate
+from kproxy.config import IpvsConfig, ProxyConfig, validate, validate_ipvs_config
 from kproxy.model import IPFamily
 from kproxy.proxier import ipvs as pv
 from kproxy.proxier.base import family_view, node_context
@@ -20,7 +20,7 @@ HOST_ADDRS = ("127.0.0.1", "192.168.0.2", "::1", "fd00:192:168::2")
 def render_ipvs_objects(
     objects: Iterable[Mapping[str, Any]],
     cfg: ProxyConfig,
-    ipvs_cfg: pv.IpvsConfig = pv.DEFAULT_CONFIG,
+    ipvs_cfg: IpvsConfig = pv.DEFAULT_CONFIG,
     family: IPFamily = IPFamily.V4,
     host_addrs: Iterable[str] = HOST_ADDRS,
 ) -> tuple[pv.IpvsState, NodeContext]:
@@ -29,13 +29,13 @@ def render_ipvs_objects(
         raise AssertionError(f"test objects rejected: {rejected}")
     ctx = node_context(validate(cfg), family, state.nodes.get(cfg.node_name), tuple(host_addrs))
     view = family_view(state, family)
-    return pv.render(view.ports, view.endpoints, ctx, pv.validate_ipvs_config(ipvs_cfg)), ctx
+    return pv.render(view.ports, view.endpoints, ctx, validate_ipvs_config(ipvs_cfg)), ctx
 
 
 def ipvs_tracer_for(
     objects: Iterable[Mapping[str, Any]],
     cfg: ProxyConfig,
-    ipvs_cfg: pv.IpvsConfig = pv.DEFAULT_CONFIG,
+    ipvs_cfg: IpvsConfig = pv.DEFAULT_CONFIG,
     family: IPFamily = IPFamily.V4,
     host_addrs: Iterable[str] = HOST_ADDRS,
     affinity: Mapping[tuple[str, str], str] | None = None,

@@ -32,7 +32,6 @@ from kproxy.cli_ingress import controller as ingress_controller_cmd
 from kproxy.cli_ingress import hostports as hostports_cmd
 from kproxy.cli_run import run as run_cmd
 from kproxy.config import HEALTHZ_PORT, load_run_config
-from kproxy.errors import ConfigError
 from kproxy.ingress.convert import DEFAULT_CONTROLLER
 from kproxy.model import IPFamily
 
@@ -337,35 +336,31 @@ def _container(objects: list[Obj], kind: str, name: str) -> Obj:
     return c
 
 
-@pytest.mark.parametrize("variant", ["base", "iptables", "ingress"])
+@pytest.mark.parametrize("variant", ["base", "iptables", "ipvs", "ingress"])
 def test_the_configmap_loads_with_kproxys_config_loader(variant: str, tmp_path: Path) -> None:
     objects = _render(DAEMONSET if variant == "base" else OVERLAYS[variant])
     conf = tmp_path / "config.conf"
     conf.write_text(_config_text(objects))
     loaded = load_run_config({"config": str(conf), "hostname-override": "node-1"})
     cfg = loaded.config
-    assert loaded.unknown == ()
-    assert cfg.proxy.mode == "iptables"
+    assert loaded.unknown == () and loaded.ignored == ()
+    assert cfg.proxy.mode == ("ipvs" if variant == "ipvs" else "iptables")
     assert cfg.proxy.node_name == "node-1"
     assert cfg.proxy.cluster_cidrs == ("10.244.0.0/16",)
     assert cfg.healthz_bind_address == f"0.0.0.0:{HEALTHZ_PORT}"
     assert cfg.kubeconfig == ""  # in-cluster: the ServiceAccount token
 
 
-def test_the_ipvs_overlay_is_refused_by_kproxy_run_today(tmp_path: Path) -> None:
-    """Pins what overlays/ipvs/kustomization.yaml says. When `kproxy run` gains IPVS this fails:
-    then update that comment and turn this into a positive test."""
+def test_the_ipvs_overlay_may_load_ip_vs(tmp_path: Path) -> None:
+    """The IPVS backend runs `modprobe ip_vs` when the module is not loaded yet."""
     objects = _render(OVERLAYS["ipvs"])
-    assert "mode: ipvs" in _config_text(objects)
-    conf = tmp_path / "config.conf"
-    conf.write_text(_config_text(objects))
-    with pytest.raises(ConfigError, match="iptables mode only"):
-        load_run_config({"config": str(conf), "hostname-override": "node-1"})
     caps = _container(objects, "DaemonSet", "kproxy")["securityContext"]["capabilities"]["add"]
     assert "SYS_MODULE" in caps
+    volumes = _one(objects, "DaemonSet", "kproxy")["spec"]["template"]["spec"]["volumes"]
+    assert any(v.get("hostPath", {}).get("path") == "/lib/modules" for v in volumes)
 
 
-@pytest.mark.parametrize("variant", ["base", "iptables"])
+@pytest.mark.parametrize("variant", ["base", "iptables", "ipvs"])
 def test_kproxy_run_accepts_the_daemonsets_exact_command_line(variant: str, tmp_path: Path) -> None:
     objects = _render(DAEMONSET if variant == "base" else OVERLAYS[variant])
     container = _container(objects, "DaemonSet", "kproxy")
@@ -383,7 +378,7 @@ def test_kproxy_run_accepts_the_daemonsets_exact_command_line(variant: str, tmp_
     assert res.exit_code == 0, res.output
     effective = yaml.safe_load(out.read_text())
     assert effective["hostnameOverride"] == "node-1"
-    assert effective["mode"] == "iptables"
+    assert effective["mode"] == ("ipvs" if variant == "ipvs" else "iptables")
 
 
 def test_the_ingress_commands_parse_with_kproxys_own_options() -> None:

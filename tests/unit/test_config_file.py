@@ -193,6 +193,47 @@ def test_unknown_and_ignored_fields_are_collected_for_one_warning(tmp_path: Path
     assert {i.split(" ")[0] for i in loaded.ignored} == {"ipvs.scheduler", "conntrack.maxPerCore", "featureGates"}
 
 
+def test_ipvs_mode_reads_the_ipvs_section_and_ignores_the_iptables_periods(tmp_path: Path) -> None:
+    text = kpc(
+        mode="ipvs",
+        ipvs={
+            "scheduler": "wrr",
+            "syncPeriod": "5s",
+            "minSyncPeriod": "250ms",
+            "strictARP": True,
+            "tcpTimeout": "15m",
+            "tcpFinTimeout": "2s",
+            "udpTimeout": "30s",
+            "excludeCIDRs": ["10.1.0.0/16"],
+        },
+        iptables={"syncPeriod": "7s", "masqueradeAll": True},
+    )
+    loaded = load({"config": write(tmp_path, text)})
+    cfg = loaded.config
+    assert cfg.proxy.mode == "ipvs"
+    assert (cfg.proxy.sync_period, cfg.proxy.min_sync_period) == (5.0, 0.25)
+    assert cfg.proxy.masquerade_all  # the iptables section's masquerading applies in both modes
+    ipvs = cfg.ipvs
+    assert (ipvs.scheduler, ipvs.strict_arp, ipvs.exclude_cidrs) == ("wrr", True, ("10.1.0.0/16",))
+    assert (ipvs.tcp_timeout, ipvs.tcp_fin_timeout, ipvs.udp_timeout) == (900.0, 2.0, 30.0)
+    assert [i.split(" ")[0] for i in loaded.ignored] == ["iptables.syncPeriod"]
+
+
+def test_the_mode_neutral_sync_period_flags_set_the_running_modes_period() -> None:
+    cfg = load({"proxy-mode": "ipvs", "sync-period": "3s", "min-sync-period": "1s"}).config
+    assert (cfg.proxy.sync_period, cfg.proxy.min_sync_period) == (3.0, 1.0)
+    cfg = load({"proxy-mode": "ipvs", "ipvs-sync-period": "4s", "iptables-sync-period": "9s"}).config
+    assert (cfg.proxy.sync_period, cfg.proxy.min_sync_period) == (4.0, 0.0)  # ipvs' own default minimum
+    cfg = load({"sync-period": "3s"}).config
+    assert (cfg.proxy.mode, cfg.proxy.sync_period) == ("iptables", 3.0)
+
+
+def test_ipvs_settings_are_reported_ignored_in_the_iptables_mode() -> None:
+    loaded = load({"ipvs-scheduler": "lc", "ipvs-sync-period": "30s"})  # the second is the default
+    assert loaded.ignored == ("--ipvs-scheduler=lc",)
+    assert loaded.config.ipvs.scheduler == "lc"  # kept, for a mode change by flag
+
+
 @pytest.mark.parametrize(
     ("name", "fields", "message"),
     [
@@ -201,7 +242,11 @@ def test_unknown_and_ignored_fields_are_collected_for_one_warning(tmp_path: Path
         ("masquerade bit", {"iptables": {"masqueradeBit": 32}}, "iptables.masqueradeBit (in "),
         ("negative sync", {"iptables": {"syncPeriod": "-1s"}}, "iptables.syncPeriod (in "),
         ("mode", {"mode": "userspace"}, "mode (in "),
-        ("ipvs mode", {"mode": "ipvs"}, "iptables mode only"),
+        ("nftables mode", {"mode": "nftables"}, "iptables and ipvs modes only"),
+        ("ipvs scheduler", {"mode": "ipvs", "ipvs": {"scheduler": "fastest"}}, "ipvs.scheduler (in "),
+        ("ipvs exclude", {"ipvs": {"excludeCIDRs": ["10.0.0.0/33"]}}, "ipvs.excludeCIDRs (in "),
+        ("ipvs timeout", {"ipvs": {"tcpTimeout": "-1s"}}, "ipvs.tcpTimeout (in "),
+        ("ipvs sync", {"mode": "ipvs", "ipvs": {"syncPeriod": "-1s"}}, "ipvs.syncPeriod (in "),
         ("cluster cidr", {"clusterCIDR": "10.0.0.0/33"}, "clusterCIDR (in "),
         ("two v4 cidrs", {"clusterCIDR": "10.0.0.0/8,11.0.0.0/8"}, "clusterCIDR (in "),
         ("healthz", {"healthzBindAddress": "localhost:1"}, "healthzBindAddress (in "),

@@ -28,7 +28,10 @@ from kproxy.sources.kube import Backoff, load_client_configuration
 from kproxy.testing.builders import endpoint, endpoint_slice, node, service
 from kproxy.testing.clock import FakeClock
 from kproxy.testing.fakeapi import FakeAPIServer
+from kproxy.proxier import ipvs as pv
+from kproxy.proxier.ipvs_proxier import IpvsProxier
 from kproxy.testing.fakeiptables import FakeIptables, canary_intact, ensure_canary
+from kproxy.testing.ipvs_fakes import FakeDummy, FakeIpset, FakeIpvs
 
 DEADLINE = 10.0
 SYNC_PERIOD = 30.0
@@ -69,6 +72,8 @@ class World:
     ipts: dict[IPFamily, FakeIptables] = field(
         default_factory=lambda: {f: FakeIptables(f) for f in (IPFamily.V4, IPFamily.V6)}
     )
+    ipvs: FakeIpvs = field(default_factory=FakeIpvs)
+    dummy: FakeDummy = field(default_factory=FakeDummy)
     daemons: list[tuple[Daemon, threading.Thread, threading.Event]] = field(default_factory=list)
     exit_codes: list[int] = field(default_factory=list)
 
@@ -95,6 +100,20 @@ class World:
             f: FamilyPlane(f, self.ipts[f], None, canary_check=canary_intact, canary_create=ensure_canary)
             for f in families
         }
+        if cfg.proxy.mode == "ipvs":
+            (family,) = families  # one IPVS table and dummy device: one family here
+
+            def ipvs_proxier(listing: Any) -> IpvsProxier:
+                return IpvsProxier(
+                    family, cfg.ipvs, ipvs=self.ipvs, ipset=FakeIpset(self.ipts[family]), iptables=listing,
+                    device=self.dummy, sysctl=self.host.set_sysctl, kernel=(6, 1),
+                )  # fmt: skip
+
+            planes = {
+                family: FamilyPlane(
+                    family, self.ipts[family], None, canary_intact, ensure_canary, ipvs_proxier, pv.JUMPS
+                )
+            }
         daemon = Daemon(
             cfg,
             planes,
@@ -465,3 +484,58 @@ def test_an_edited_config_file_ends_the_daemon_for_a_restart(world: World) -> No
     thread.join(DEADLINE)
     assert world.exit_codes == [1]
     assert world.ipt.tables == tables  # the rules stay for the restarted daemon to adopt
+
+
+# -- the IPVS mode -----------------------------------------------------------------------------
+
+VS = (Protocol.TCP, "172.30.0.41", 80)
+
+
+def test_ipvs_mode_programs_ipvs_and_reads_everything_back_once_per_sync_period(world: World) -> None:
+    with capture_logs() as logs:
+        daemon = world.start("proxy-mode=ipvs")
+        world.settle(daemon, 1)
+    [first] = sync_lines(logs)
+    assert (first["kind"], first["reason"], first["ipvs_writes"]) == ("full", "start", 2)
+    assert world.ipvs.real_servers(VS) == {("10.0.1.10", 80): 1}
+    assert world.dummy.addrs == {"172.30.0.41"}
+    assert world.host.sysctls["net/ipv4/vs/conntrack"] == "1"
+    assert any(r.endswith(f"-j {pv.PROXY_FIREWALL}") for r in world.ipt.rules("mangle", "PREROUTING"))
+    world.ipvs.delete_dest(*VS, "10.0.1.10", 80)  # by hand: only a full read sees it
+    with capture_logs() as logs:
+        world.clock.advance(SYNC_PERIOD)
+        world.settle(daemon, 2)
+    [periodic] = sync_lines(logs)
+    assert (periodic["kind"], periodic["reason"], periodic["ipvs_writes"]) == ("full", "periodic", 1)
+    assert world.ipvs.real_servers(VS) == {("10.0.1.10", 80): 1}
+
+
+def test_ipvs_mode_drains_a_removed_endpoint_then_deletes_it(world: World) -> None:
+    two = [endpoint("10.0.1.10", "node-1"), endpoint("10.0.1.11", "node-1")]
+    world.api.update("endpointslices", endpoint_slice(endpoints=two))
+    daemon = world.start("proxy-mode=ipvs")
+    world.settle(daemon, 1)
+    world.ipvs.set_connections(VS, ("10.0.1.11", 80), active=1)
+    world.api.update("endpointslices", endpoint_slice(endpoints=two[:1]))
+    world.settle(daemon, 2)
+    assert world.ipvs.real_servers(VS) == {("10.0.1.10", 80): 1, ("10.0.1.11", 80): 0}  # weight 0: draining
+    world.ipvs.set_connections(VS, ("10.0.1.11", 80), active=0)
+    with capture_logs() as logs:
+        world.clock.advance(SYNC_PERIOD)  # no timer of its own: the periodic sync deletes it
+        world.settle(daemon, 3)
+    assert world.ipvs.real_servers(VS) == {("10.0.1.10", 80): 1}
+    assert sync_lines(logs)[0]["draining"] == 0
+
+
+def test_ipvs_mode_repairs_flushed_rules_within_one_sync_period(world: World) -> None:
+    daemon = world.start("proxy-mode=ipvs")
+    world.settle(daemon, 1)
+    wanted = copy.deepcopy(world.ipt.tables)
+    for table in ("filter", "nat", "mangle"):
+        world.ipt.flush_and_delete_all(table)
+    with capture_logs() as logs:
+        world.clock.advance(SYNC_PERIOD)
+        world.settle(daemon, 2)
+    [line] = sync_lines(logs)
+    assert (line["kind"], line["reason"]) == ("full", "canary")
+    assert world.ipt.tables == wanted

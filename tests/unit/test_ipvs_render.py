@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 
-from kproxy.config import ProxyConfig, validate
+from kproxy.config import SCHEDULERS, IpvsConfig, ProxyConfig, validate, validate_ipvs_config
 from kproxy.errors import BackendError, ConfigError
 from kproxy.model import IPFamily, Protocol
 from kproxy.proxier import ipvs as pv
@@ -219,9 +219,9 @@ def test_dummy_addresses_are_not_node_ips() -> None:
     assert fixed.local_ips == ("127.0.0.1", "192.168.0.2") and fixed.node_ip == "192.168.0.2"
 
 
-@pytest.mark.parametrize("sched", pv.SCHEDULERS)
+@pytest.mark.parametrize("sched", SCHEDULERS)
 def test_every_upstream_scheduler_is_accepted(sched: str) -> None:
-    desired, _ = render_ipvs_objects([service(), endpoint_slice()], BASE_CFG, pv.IpvsConfig(scheduler=sched))
+    desired, _ = render_ipvs_objects([service(), endpoint_slice()], BASE_CFG, IpvsConfig(scheduler=sched))
     vs = desired.virtual_servers[(TCP, CIP, 80)]
     assert vs.scheduler == sched
     # mh hashes on the port too, as upstream sets IP_VS_SVC_F_SCHED_MH_PORT.
@@ -233,14 +233,14 @@ def test_every_upstream_scheduler_is_accepted(sched: str) -> None:
 @pytest.mark.parametrize(
     "cfg,message",
     [
-        (pv.IpvsConfig(scheduler="fastest"), "--ipvs-scheduler"),
-        (pv.IpvsConfig(tcp_timeout=-1), "--ipvs-tcp-timeout"),
-        (pv.IpvsConfig(exclude_cidrs=("10.0.0.0/33",)), "--ipvs-exclude-cidrs"),
+        (IpvsConfig(scheduler="fastest"), "--ipvs-scheduler"),
+        (IpvsConfig(tcp_timeout=-1), "--ipvs-tcp-timeout"),
+        (IpvsConfig(exclude_cidrs=("10.0.0.0/33",)), "--ipvs-exclude-cidrs"),
     ],
 )
-def test_bad_ipvs_config_is_refused(cfg: pv.IpvsConfig, message: str) -> None:
+def test_bad_ipvs_config_is_refused(cfg: IpvsConfig, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        pv.validate_ipvs_config(cfg)
+        validate_ipvs_config(cfg)
 
 
 def test_ipset_names_fit_the_kernel_and_are_owned_per_family() -> None:
@@ -467,7 +467,7 @@ def rig():  # type: ignore[no-untyped-def]
     return rig
 
 
-def _proxier(rig, cfg: pv.IpvsConfig = pv.DEFAULT_CONFIG, kernel=(6, 1)) -> IpvsProxier:  # type: ignore[no-untyped-def]
+def _proxier(rig, cfg: IpvsConfig = pv.DEFAULT_CONFIG, kernel=(6, 1)) -> IpvsProxier:  # type: ignore[no-untyped-def]
     sysctls = rig["sysctls"]
     return IpvsProxier(
         IPFamily.V4, cfg, ipvs=rig["ipvs"], ipset=rig["ipset"], iptables=rig["iptables"], device=rig["device"],
@@ -584,7 +584,7 @@ def test_removed_services_leave_no_trace(rig) -> None:  # type: ignore[no-untype
 def test_virtual_servers_in_exclude_cidrs_are_someone_elses(rig) -> None:  # type: ignore[no-untyped-def]
     rig["ipvs"].add_service(TCP, "10.96.7.7", 443, "rr", 0, 0)
     rig["ipvs"].add_service(TCP, "10.97.7.7", 443, "rr", 0, 0)
-    p = _proxier(rig, pv.IpvsConfig(exclude_cidrs=("10.96.0.0/16",)))
+    p = _proxier(rig, IpvsConfig(exclude_cidrs=("10.96.0.0/16",)))
     p.sync(*_inputs([]))
     assert set(rig["ipvs"].table) == {(TCP, "10.96.7.7", 443)}
 
@@ -612,7 +612,7 @@ def test_a_refused_write_makes_the_next_sync_full(rig) -> None:  # type: ignore[
 
 @pytest.mark.parametrize("kernel,reuse", [((4, 19), True), ((5, 9), False), ((6, 1), False), ((3, 10), False)])
 def test_setup_sysctls_as_upstream(rig, kernel: tuple[int, int], reuse: bool) -> None:  # type: ignore[no-untyped-def]
-    p = _proxier(rig, pv.IpvsConfig(strict_arp=True, tcp_timeout=900, udp_timeout=30), kernel=kernel)
+    p = _proxier(rig, IpvsConfig(strict_arp=True, tcp_timeout=900, udp_timeout=30), kernel=kernel)
     p.sync(*_inputs([]))
     s = rig["sysctls"]
     assert {k: s[k] for k in ("net/ipv4/vs/conntrack", "net/ipv4/vs/expire_nodest_conn",

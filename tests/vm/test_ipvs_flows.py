@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from kproxy.config import ProxyConfig, validate
+from kproxy.config import IpvsConfig, ProxyConfig, validate
 from kproxy.lab import NETNS_DIR, Lab
 from kproxy.model import IPFamily, Protocol
 from kproxy.proxier import ipvs as pv
@@ -57,7 +57,7 @@ SCTP = 9000  # LineServer over SCTP
 N = 6  # rr alternates real servers: 6 new connections reach each of 2 endpoints 3 times
 BASE = validate(ProxyConfig(node_name="node-1", cluster_cidrs=("10.0.0.0/8", "fd00:10::/32")))
 # Short FIN_WAIT so that a connection the server closed stops counting quickly (graceful test).
-IPVS_CFG = pv.IpvsConfig(tcp_fin_timeout=2)
+IPVS_CFG = IpvsConfig(tcp_fin_timeout=2)
 NODE_IP, CLIENT = "192.168.0.2", "203.0.113.10"
 LAB = Lab(prefix="unused")  # the shared address plan
 
@@ -219,7 +219,7 @@ class Node:
         from kproxy.ipvs_mode import make_proxier
 
         if family not in self.proxiers:
-            self.proxiers[family] = self.run(lambda: make_proxier(family, BASE, IPVS_CFG, "nft"))
+            self.proxiers[family] = self.run(lambda: make_proxier(family, IPVS_CFG, "nft"))
         return self.proxiers[family]
 
     def sync(
