@@ -515,7 +515,7 @@ def load_run_config(flags: Mapping[str, Any], *, hostname: str | None = None) ->
 
     for path, fld in FIELDS.items():
         if not fld.acted and _differs(fld, values[path]):
-            ignored.append(f"{origin[path]}={_show(values[path])}")
+            ignored.append(f"{origin[path]}={_show(values[path], fld.kind)}")
 
     config = _build(values, origin, flag_only, config_file, hostname)
     ignored += _other_mode_fields(config.proxy.mode, values, origin)
@@ -545,7 +545,7 @@ def acted_on(path: str) -> str:
 def _other_mode_fields(mode: str, values: Mapping[str, Any], origin: Mapping[str, str]) -> list[str]:
     read = set(_sync_period_fields(mode, origin))
     return [
-        f"{origin[path]}={_show(values[path])}"
+        f"{origin[path]}={_show(values[path], FIELDS[path].kind)}"
         for other, paths in MODE_FIELDS.items()
         if other != mode
         for path in paths
@@ -575,7 +575,9 @@ def _any_set(value: Any) -> bool:
     return value not in (None, "", "0", 0, 0.0, False)
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, kind: str = "") -> str:
+    if kind == "duration" and isinstance(value, (int, float)):
+        return format_duration(value)
     if isinstance(value, list):
         return ",".join(str(v) for v in value)
     if isinstance(value, dict):
