@@ -17,9 +17,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kproxy.lab import Lab
 from kproxy.testing.builders import endpoint, endpoint_slice, node, service
+from kproxy.testing.daemon_process import KproxyProcess
 from kproxy.testing.fakeapi import FakeAPIServer
 from kproxy.testing.netns import EchoServer, ProbeResult, Sender, call_in, probe, probe_many, wait_for
 
@@ -43,7 +41,6 @@ pytestmark = [
     ),
 ]
 
-KPROXY = str(Path(sys.executable).with_name("kproxy"))
 VIP = "172.30.0.10"
 PORT = 8080
 SYNC_PERIOD = 2.0
@@ -80,36 +77,11 @@ WEB = service(
 
 
 @dataclass
-class Kproxy:
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text().splitlines():
-            if line.startswith("{"):
-                event = json.loads(line)
-                if name is None or event.get("event") == name:
-                    out.append(event)
-        return out
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-
-@dataclass
 class Env:
     lab: Lab
     api: FakeAPIServer
     tmp: Path
-    kproxies: list[Kproxy] = field(default_factory=list)
+    kproxies: list[KproxyProcess] = field(default_factory=list)
     _variant: str = ""
 
     @property
@@ -121,29 +93,21 @@ class Env:
         return self.lab.client(1).ns
 
     @property
-    def kproxy(self) -> Kproxy:
+    def kproxy(self) -> KproxyProcess:
         return self.kproxies[-1]
 
-    def start_kproxy(self) -> Kproxy:
-        log = self.tmp / f"kproxy-{len(self.kproxies) + 1}.log"
+    def start_kproxy(self) -> KproxyProcess:
         kubeconfig = self.api.write_kubeconfig(self.tmp / "kubeconfig")
-        argv = [
-            "ip",
-            "netns",
-            "exec",
+        kp = KproxyProcess.start(
             self.node,
-            KPROXY,
-            "run",
+            self.tmp / f"kproxy-{len(self.kproxies) + 1}.log",
             f"--kubeconfig={kubeconfig}",
             "--hostname-override=node-1",
             "--cluster-cidr=10.0.0.0/8,fd00:10::/32",
             f"--iptables-sync-period={SYNC_PERIOD:g}s",
             "--iptables-min-sync-period=100ms",
             "--v=2",
-        ]
-        with log.open("wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-        kp = Kproxy(proc, log)
+        )
         self.kproxies.append(kp)
         return kp
 

@@ -1,0 +1,51 @@
+"""`kproxy run` as a process in a lab node's namespace, for end-to-end tests.
+
+The daemon runs through ``ip netns exec`` (so it sees the node's interfaces and /sys), logs JSON
+lines to a file that `events` reads, and is stopped with SIGTERM as a DaemonSet pod would be.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+KPROXY = str(Path(sys.executable).with_name("kproxy"))
+
+
+@dataclass
+class KproxyProcess:
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @classmethod
+    def start(cls, netns: str, log: Path, *args: str) -> KproxyProcess:
+        """`kproxy run ARGS...` in `netns`, stdout and stderr to `log`."""
+        with log.open("wb") as out:
+            proc = subprocess.Popen(["ip", "netns", "exec", netns, KPROXY, "run", *args], stdout=out, stderr=out)
+        return cls(proc, log)
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The JSON log lines so far (those named `name`, if given)."""
+        out = []
+        for line in self.log.read_text().splitlines():
+            if line.startswith("{"):
+                event = json.loads(line)
+                if name is None or event.get("event") == name:
+                    out.append(event)
+        return out
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, then the exit status; killed (and raises) if it does not end in `timeout`."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
