@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # On the control plane: kproxy first (nothing else can reach the `kubernetes` ClusterIP before
 # it runs), then the pod network, then the edge label for the nodes still to join.
-# Usage: deploy.sh REPO_DIR API_SERVER_IP EDGE_NODES (comma-separated)
+# Usage: deploy.sh REPO_DIR API_SERVER_IP EDGE_NODES (comma-separated) [iptables|ipvs]
 set -euo pipefail
 
 repo=$1
 api_server=$2
 edge_nodes=$3
+mode=${4:-iptables}
+case ${mode} in
+  iptables) overlay=ingress ;;
+  ipvs) overlay=ingress-ipvs ;;
+  *) echo "deploy.sh: mode must be iptables or ipvs, not ${mode}" >&2; exit 2 ;;
+esac
 export KUBECONFIG=/etc/kubernetes/admin.conf
 
 # 1. kproxy reaches the API server by its address, not by the ClusterIP it is about to program.
@@ -16,7 +22,7 @@ for ns in kube-system kproxy-ingress; do
     --from-literal=host="${api_server}" --from-literal=port=6443 --dry-run=client -o yaml |
     kubectl apply -f -
 done
-kubectl apply -k "${repo}/daemonset/overlays/ingress"
+kubectl apply -k "${repo}/daemonset/overlays/${overlay}"
 kubectl -n kube-system rollout status daemonset/kproxy --timeout=300s
 
 # 2. The pod network (flannel, on the private network's interface; 10.244.0.0/16 as in

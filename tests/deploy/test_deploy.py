@@ -38,7 +38,10 @@ from kproxy.model import IPFamily
 ROOT = Path(__file__).resolve().parents[2]
 DAEMONSET = ROOT / "daemonset"
 VAGRANT = ROOT / "vagrant"
-KUSTOMIZATIONS = sorted(p.parent for p in DAEMONSET.rglob("kustomization.yaml"))
+# Components (kind: Component) are not built alone; the overlays that use them are.
+KUSTOMIZATIONS = sorted(
+    p.parent for p in DAEMONSET.rglob("kustomization.yaml") if yaml.safe_load(p.read_text())["kind"] == "Kustomization"
+)
 OVERLAYS = {p.name: p for p in sorted((DAEMONSET / "overlays").iterdir()) if p.is_dir()}
 
 Obj = dict[str, Any]
@@ -84,13 +87,11 @@ def _render_py(directory: Path, seen: tuple[Path, ...] = ()) -> list[Obj]:
             objects += _render_py(target, (*seen, directory))
         else:
             objects += _docs(target)
-    for patch in k.get("patches", []):
-        path = directory / patch["path"]
-        assert path.exists(), f"{_rel(directory)}: patch {patch['path']} does not exist"
-        for p in _docs(path):
-            matches = [o for o in objects if (o["kind"], o["metadata"]["name"]) == (p["kind"], p["metadata"]["name"])]
-            assert len(matches) == 1, f"{_rel(path)}: patches no single {p['kind']}/{p['metadata']['name']}"
-            _merge(matches[0], p)
+    for component in k.get("components", []):
+        target = (directory / component).resolve()
+        assert _kustomization(target)["kind"] == "Component", f"{_rel(directory)}: {component} is no Component"
+        _patch(objects, target, _kustomization(target))
+    _patch(objects, directory, k)
     if "namespace" in k:
         for o in objects:
             if o["kind"] not in ("ClusterRole", "ClusterRoleBinding", "Namespace", "IngressClass"):
@@ -101,6 +102,16 @@ def _render_py(directory: Path, seen: tuple[Path, ...] = ()) -> list[Obj]:
         if image is not None:
             container["image"] = f"{image.get('newName', image['name'])}:{image['newTag']}"
     return objects
+
+
+def _patch(objects: list[Obj], directory: Path, k: Obj) -> None:
+    for patch in k.get("patches", []):
+        path = directory / patch["path"]
+        assert path.exists(), f"{_rel(directory)}: patch {patch['path']} does not exist"
+        for p in _docs(path):
+            matches = [o for o in objects if (o["kind"], o["metadata"]["name"]) == (p["kind"], p["metadata"]["name"])]
+            assert len(matches) == 1, f"{_rel(path)}: patches no single {p['kind']}/{p['metadata']['name']}"
+            _merge(matches[0], p)
 
 
 def _merge(into: Obj, patch: Obj) -> None:
@@ -151,15 +162,17 @@ def test_every_yaml_file_parses_into_kubernetes_objects(path: Path) -> None:
     assert docs, f"{_rel(path)} is empty"
     for d in docs:
         assert isinstance(d, dict) and d.get("apiVersion") and d.get("kind"), f"{_rel(path)}: {str(d)[:80]}"
-        if d["kind"] != "Kustomization":
+        if d["kind"] not in ("Kustomization", "Component"):
             assert d.get("metadata", {}).get("name"), f"{_rel(path)}: a {d['kind']} without a name"
 
 
-def test_the_layout_is_a_base_and_three_overlays() -> None:
+def test_the_layout_is_a_base_overlays_and_the_ipvs_component() -> None:
     assert _kustomization(DAEMONSET)["resources"] == ["base"]
-    assert set(OVERLAYS) == {"iptables", "ipvs", "ingress"}
-    for overlay in OVERLAYS.values():
-        assert "../../base" in _kustomization(overlay)["resources"]
+    assert set(OVERLAYS) == {"iptables", "ipvs", "ingress", "ingress-ipvs"}
+    for name, overlay in OVERLAYS.items():
+        k = _kustomization(overlay)
+        assert k["resources"][0] == ("../ingress" if name == "ingress-ipvs" else "../../base")
+        assert ("../../components/ipvs" in k.get("components", [])) == name.endswith("ipvs")
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_rel)
@@ -336,7 +349,7 @@ def _container(objects: list[Obj], kind: str, name: str) -> Obj:
     return c
 
 
-@pytest.mark.parametrize("variant", ["base", "iptables", "ipvs", "ingress"])
+@pytest.mark.parametrize("variant", ["base", "iptables", "ipvs", "ingress", "ingress-ipvs"])
 def test_the_configmap_loads_with_kproxys_config_loader(variant: str, tmp_path: Path) -> None:
     objects = _render(DAEMONSET if variant == "base" else OVERLAYS[variant])
     conf = tmp_path / "config.conf"
@@ -344,23 +357,24 @@ def test_the_configmap_loads_with_kproxys_config_loader(variant: str, tmp_path: 
     loaded = load_run_config({"config": str(conf), "hostname-override": "node-1"})
     cfg = loaded.config
     assert loaded.unknown == () and loaded.ignored == ()
-    assert cfg.proxy.mode == ("ipvs" if variant == "ipvs" else "iptables")
+    assert cfg.proxy.mode == ("ipvs" if variant.endswith("ipvs") else "iptables")
     assert cfg.proxy.node_name == "node-1"
     assert cfg.proxy.cluster_cidrs == ("10.244.0.0/16",)
     assert cfg.healthz_bind_address == f"0.0.0.0:{HEALTHZ_PORT}"
     assert cfg.kubeconfig == ""  # in-cluster: the ServiceAccount token
 
 
-def test_the_ipvs_overlay_may_load_ip_vs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", ["ipvs", "ingress-ipvs"])
+def test_the_ipvs_overlays_may_load_ip_vs(variant: str) -> None:
     """The IPVS backend runs `modprobe ip_vs` when the module is not loaded yet."""
-    objects = _render(OVERLAYS["ipvs"])
+    objects = _render(OVERLAYS[variant])
     caps = _container(objects, "DaemonSet", "kproxy")["securityContext"]["capabilities"]["add"]
     assert "SYS_MODULE" in caps
     volumes = _one(objects, "DaemonSet", "kproxy")["spec"]["template"]["spec"]["volumes"]
     assert any(v.get("hostPath", {}).get("path") == "/lib/modules" for v in volumes)
 
 
-@pytest.mark.parametrize("variant", ["base", "iptables", "ipvs"])
+@pytest.mark.parametrize("variant", ["base", "iptables", "ipvs", "ingress-ipvs"])
 def test_kproxy_run_accepts_the_daemonsets_exact_command_line(variant: str, tmp_path: Path) -> None:
     objects = _render(DAEMONSET if variant == "base" else OVERLAYS[variant])
     container = _container(objects, "DaemonSet", "kproxy")
@@ -378,7 +392,7 @@ def test_kproxy_run_accepts_the_daemonsets_exact_command_line(variant: str, tmp_
     assert res.exit_code == 0, res.output
     effective = yaml.safe_load(out.read_text())
     assert effective["hostnameOverride"] == "node-1"
-    assert effective["mode"] == ("ipvs" if variant == "ipvs" else "iptables")
+    assert effective["mode"] == ("ipvs" if variant.endswith("ipvs") else "iptables")
 
 
 def test_the_ingress_commands_parse_with_kproxys_own_options() -> None:
@@ -617,8 +631,12 @@ def test_the_lab_skips_kube_proxy_and_deploys_from_daemonset() -> None:
     assert len(re.findall(r'role: "(?:control-plane|worker|edge)"', vagrantfile)) == 3
     assert "--skip-phases=addon/kube-proxy" in (VAGRANT / "provision-control-plane.sh").read_text()
     deploy = (VAGRANT / "deploy.sh").read_text()
-    applied = re.findall(r'kubectl apply -k "\$\{repo\}/([\w/.-]+)"', deploy)
-    assert applied and all((ROOT / a / "kustomization.yaml").exists() for a in applied)
+    applied = re.findall(r'kubectl apply -k "\$\{repo\}/([^"]+)"', deploy)
+    assert applied == ["daemonset/overlays/${overlay}"]
+    overlays = re.findall(r"^\s+(\w+)\) overlay=([\w-]+) ;;$", deploy, re.M)
+    assert dict(overlays) == {"iptables": "ingress", "ipvs": "ingress-ipvs"}
+    assert all((OVERLAYS[o] / "kustomization.yaml").exists() for _, o in overlays)
+    assert 'ENV.fetch("KPROXY_MODE", "iptables")' in vagrantfile
     assert "node-role.kubernetes.io/edge=" in deploy
     smoke = (VAGRANT / "smoke.sh").read_text()
     for what in ("ClusterIP", "NodePort", "Ingress"):
