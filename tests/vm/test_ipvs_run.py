@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kproxy.lab import Lab
 from kproxy.testing.builders import endpoint, endpoint_slice, node, service
-from kproxy.testing.daemon_process import KproxyProcess
+from kproxy.testing.daemon_process import KPROXY, KproxyProcess
 from kproxy.testing.fakeapi import FakeAPIServer
 from kproxy.testing.linesrv import LineServer, line_client, read_line
 from kproxy.testing.netns import EchoServer, ProbeResult, call_in, probe, probe_many, wait_for
@@ -290,3 +290,15 @@ def test_sigterm_leaves_ipvs_in_place(env: Env) -> None:
     assert env.kproxy.events("kproxy_stopped")
     assert set(env.real_servers(VIP, 80)) == {f"{LAB.pod(p).ipv4}:{PORT}" for p in BOTH}
     assert answered_by(env) == BOTH
+
+
+def test_run_cleanup_removes_what_either_mode_left(env: Env) -> None:
+    """`kproxy run --cleanup`, as kube-proxy's: every mode's leftovers, whatever the mode."""
+    done = env.lab.run(env.node, [KPROXY, "run", "--cleanup", "--hostname-override=node-1"], check=False, timeout=START)
+    assert done.returncode == 0, done.stderr
+    assert env.real_servers(VIP, 80) == {}
+    assert "KPROXY" not in env.sh("iptables-nft-save")
+    assert not [s for s in env.sh("ipset", "list", "-n").split() if s.startswith("KPROXY-")]
+    links = env.lab.run(env.node, ["ip", "link", "show", "kproxy-ipvs0"], check=False)
+    assert links.returncode != 0, "the dummy device is gone"
+    assert probe(env.client, VIP, 80, timeout=1.0).answered is False
