@@ -28,6 +28,11 @@ programs one proxier per IP family of the kernel: an `IptablesProxier`, or in th
 - **Failures** (a refused transaction, a missing tool) are logged with their context, counted, mark
   the families unhealthy-pending, and are retried as a full sync with backoff; they never stop the
   daemon. A bug (any other exception) ends the sync thread loudly and the daemon exits 1.
+- **Switching modes.** The IPVS mode's first full sync replaces the iptables mode's chains in
+  one transaction (the modes share their filter and nat chain names). The other way, after its
+  first sync the iptables mode removes what only the IPVS mode used (`leave_ipvs_mode`: mangle
+  chains, ipsets, virtual servers, the dummy device), so a deleted Service cannot keep
+  answering through a stale virtual server. A failure there is logged; traffic flows either way.
 - **Configuration changes** restart: as kube-proxy, the daemon exits (status 1) when its
   --config file changes, so the DaemonSet restarts it with the edited ConfigMap.
 - **SIGTERM** (`stop`) lets the sync in progress finish, stops the watches and servers, and leaves
@@ -226,8 +231,11 @@ class Daemon:
         clock: Clock | None = None,
         wall_clock: Callable[[], float] = time.time,
         reflector_options: Callable[[], Mapping[str, Any]] | None = None,
+        after_first_sync: Callable[[], str | None] | None = None,
     ) -> None:
         self.cfg = cfg
+        # Once the first sync's rules are in place: what another mode left behind is removed.
+        self._after_first_sync = after_first_sync
         self.planes = dict(planes)
         self._client_configuration = client_configuration
         self._host: Host = host if host is not None else RealHost()
@@ -469,13 +477,26 @@ class Daemon:
         except BackendError as e:
             return self._failed(e, full, started, len(snap.changed))
         self._need_full = False
-        self._first_done = True
+        if not self._first_done:
+            self._first_done = True
+            self._leave_other_mode()
         if full:
             self._next_periodic_full = self._clock.now() + self.cfg.proxy.sync_period
         self._after_sync(snap, views, contexts)
         self._observe(results, snap, started, full, reason)
         self._follow_up_if_tampered(full)
         return True
+
+    def _leave_other_mode(self) -> None:
+        if self._after_first_sync is None:
+            return
+        try:
+            removed = self._after_first_sync()
+        except BackendError as e:  # traffic flows either way: the new mode's rules are in place
+            log.warning("other_mode_cleanup_failed", error=str(e))
+            return
+        if removed:
+            log.info("other_mode_cleaned_up", removed=removed)
 
     def _follow_up_if_tampered(self, full: bool) -> None:
         tampered = [p.family for p in self.planes.values() if p.listing.tampered]
@@ -653,7 +674,21 @@ def build_daemon(cfg: RunConfig, **options: Any) -> Daemon:
     if cfg.master:
         configuration.host = cfg.master
     variant = cfg.proxy.iptables_backend or detect_variant()
-    return Daemon(cfg, real_planes(cfg, variant), configuration, metrics=ProxyMetrics(process=True), **options)
+    leave = None
+    if cfg.proxy.mode == "iptables":
+        from kproxy.ipvs_mode import leave_ipvs_mode
+
+        def leave() -> str | None:
+            return leave_ipvs_mode(variant)
+
+    return Daemon(
+        cfg,
+        real_planes(cfg, variant),
+        configuration,
+        metrics=ProxyMetrics(process=True),
+        after_first_sync=leave,
+        **options,
+    )
 
 
 __all__ = [

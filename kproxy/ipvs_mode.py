@@ -214,3 +214,25 @@ def cleanup_ipvs(upstream: bool = False) -> str:
     return f"ipvs: removed {removed_vs} virtual servers, {removed_sets} ipsets" + (
         f", device {', '.join(removed_devices)}" if removed_devices else ""
     )
+
+
+def leave_ipvs_mode(variant: str) -> str | None:
+    """What only the IPVS mode used, removed once the iptables mode has taken a node over.
+
+    The two modes share their filter and nat chain names, so the iptables mode's first full
+    sync has already replaced those. Left are the mangle firewall chains (which would keep
+    filtering with stale ipsets), the ipsets, the virtual servers and the dummy device (whose
+    VIPs would keep a deleted Service answering). None when the node shows no IPVS mode (no
+    dummy device); run after the iptables mode's rules are in place, never before.
+    """
+    from kproxy.backends.dummy import DummyDevice
+    from kproxy.backends.iptables import Iptables, cleanup_text
+    from kproxy.families import kernel_families
+
+    if not DummyDevice(names.IPVS_DEVICE).exists():
+        return None
+    for family in kernel_families():
+        ipt = Iptables(family, variant)
+        saved = ipt.save((pv.MANGLE,), prefixes=(names.PREFIX,))
+        ipt.restore(cleanup_text(saved, lambda name: name in pv.MANGLE_CHAINS))
+    return cleanup_ipvs()

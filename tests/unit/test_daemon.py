@@ -20,16 +20,17 @@ from structlog.testing import capture_logs
 
 from kproxy.config import load_run_config
 from kproxy.daemon import Daemon, FamilyPlane
+from kproxy.errors import BackendError
 from kproxy.health import ProxyHealth
 from kproxy.metrics import ProxyMetrics
 from kproxy.model import IPFamily, Protocol, ServicePortName
+from kproxy.proxier import ipvs as pv
 from kproxy.proxier import names
+from kproxy.proxier.ipvs_proxier import IpvsProxier
 from kproxy.sources.kube import Backoff, load_client_configuration
 from kproxy.testing.builders import endpoint, endpoint_slice, node, service
 from kproxy.testing.clock import FakeClock
 from kproxy.testing.fakeapi import FakeAPIServer
-from kproxy.proxier import ipvs as pv
-from kproxy.proxier.ipvs_proxier import IpvsProxier
 from kproxy.testing.fakeiptables import FakeIptables, canary_intact, ensure_canary
 from kproxy.testing.ipvs_fakes import FakeDummy, FakeIpset, FakeIpvs
 
@@ -81,7 +82,9 @@ class World:
     def ipt(self) -> FakeIptables:
         return self.ipts[IPFamily.V4]
 
-    def start(self, *flags: str, families: tuple[IPFamily, ...] = (IPFamily.V4,)) -> Daemon:
+    def start(
+        self, *flags: str, families: tuple[IPFamily, ...] = (IPFamily.V4,), after_first_sync: Any = None
+    ) -> Daemon:
         kubeconfig = self.api.write_kubeconfig(self.tmp / "kubeconfig")
         given: dict[str, Any] = {
             "kubeconfig": str(kubeconfig),
@@ -123,6 +126,7 @@ class World:
             clock=self.clock,
             wall_clock=self.wall,
             reflector_options=lambda: {"backoff": Backoff(0.01, 0.05)},
+            after_first_sync=after_first_sync,
         )
         stop = threading.Event()
 
@@ -347,6 +351,23 @@ def test_a_restarted_daemon_adopts_the_rules_it_finds(world: World) -> None:
     # added no second copy of the jumps from the built-in chains.
     assert world.ipt.tables == tables
     assert "-X " not in world.ipt.transactions[-1] and "-I " not in world.ipt.transactions[-1]
+
+
+def test_the_other_modes_leftovers_go_once_after_the_first_sync(world: World) -> None:
+    calls: list[bool] = []
+
+    def leave() -> str:
+        calls.append(svc_chain() in world.ipt.chains("nat"))  # only once our rules are in place
+        raise BackendError("ipset destroy refused")
+
+    with capture_logs() as logs:
+        daemon = world.start(after_first_sync=leave)
+        world.settle(daemon, 1)
+        world.api.update("endpointslices", endpoint_slice(endpoints=[endpoint("10.0.1.11", "node-1")]))
+        world.settle(daemon, 2)
+    assert calls == [True]
+    assert [e["error"] for e in logs if e["event"] == "other_mode_cleanup_failed"] == ["ipset destroy refused"]
+    assert [e["kind"] for e in sync_lines(logs)] == ["full", "partial"]  # a failure there fails no sync
 
 
 # -- what a sync reports -----------------------------------------------------------------------
