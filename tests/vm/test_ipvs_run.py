@@ -292,6 +292,27 @@ def test_sigterm_leaves_ipvs_in_place(env: Env) -> None:
     assert answered_by(env) == BOTH
 
 
+def test_switching_back_to_the_iptables_mode_removes_what_only_ipvs_used(env: Env) -> None:
+    kp = env.start_kproxy("iptables")
+    wait_for(lambda: kp.events("other_mode_cleaned_up"), timeout=START, message="the IPVS leftovers removed")
+    assert answered_by(env) == BOTH
+    assert env.real_servers(VIP, 80) == {}
+    assert env.lab.run(env.node, ["ip", "link", "show", "kproxy-ipvs0"], check=False).returncode != 0
+    assert not [s for s in env.sh("ipset", "list", "-n").split() if s.startswith("KPROXY-")]
+    assert "KPROXY-PROXY-FIREWALL" not in env.sh("iptables-nft-save", "-t", "mangle")
+    # A Service deleted now stops answering: no stale virtual server or local VIP serves it.
+    sock, hello = line_client(env.client, HOLD_VIP, 90)
+    sock.close()
+    assert hello["name"] == "pod-1a"
+    env.api.delete("services", "hold", "default")
+    wait_for(
+        lambda: not probe(env.client, HOLD_VIP, 90, timeout=1.0).answered,
+        timeout=CONVERGE,
+        message="the deleted Service gone",
+    )
+    assert kp.stop() == 0  # its rules stay for the cleanup test
+
+
 def test_run_cleanup_removes_what_either_mode_left(env: Env) -> None:
     """`kproxy run --cleanup`, as kube-proxy's: every mode's leftovers, whatever the mode."""
     done = env.lab.run(env.node, [KPROXY, "run", "--cleanup", "--hostname-override=node-1"], check=False, timeout=START)
