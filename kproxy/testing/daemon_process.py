@@ -6,6 +6,7 @@ lines to a file that `events` reads, and is stopped with SIGTERM as a DaemonSet 
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import subprocess
@@ -13,6 +14,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from kproxy.lab import NamespaceRef
+from kproxy.testing.netns import call_in
 
 KPROXY = str(Path(sys.executable).with_name("kproxy"))
 
@@ -49,3 +53,18 @@ class KproxyProcess:
             self.proc.kill()
             self.proc.wait()
             raise
+
+
+def http_get(ns: NamespaceRef, port: int, path: str) -> tuple[int, bytes]:
+    """GET http://127.0.0.1:port/path from inside `ns` (the daemon's /healthz, /metrics...)."""
+
+    def fetch() -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    return call_in(ns, fetch)

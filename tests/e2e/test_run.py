@@ -13,7 +13,6 @@ with a deadline; nothing sleeps. Everything is stopped and the lab removed at th
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kproxy.lab import Lab
 from kproxy.testing.builders import endpoint, endpoint_slice, node, service
-from kproxy.testing.daemon_process import KproxyProcess
+from kproxy.testing.daemon_process import KproxyProcess, http_get
 from kproxy.testing.fakeapi import FakeAPIServer
 from kproxy.testing.netns import EchoServer, ProbeResult, Sender, call_in, probe, probe_many, wait_for
 
@@ -127,18 +126,7 @@ class Env:
         return self._variant
 
     def get(self, port: int, path: str) -> tuple[int, bytes]:
-        """GET http://127.0.0.1:port/path from inside node-1."""
-
-        def fetch() -> tuple[int, bytes]:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            try:
-                conn.request("GET", path)
-                resp = conn.getresponse()
-                return resp.status, resp.read()
-            finally:
-                conn.close()
-
-        return call_in(self.node, fetch)
+        return http_get(self.node, port, path)
 
     def metric(self, name: str, **labels: str) -> float | None:
         code, body = self.get(10249, "/metrics")

@@ -12,7 +12,6 @@ with a deadline; nothing sleeps.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import subprocess
@@ -28,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kproxy.lab import Lab
 from kproxy.testing.builders import endpoint, endpoint_slice, node, service
-from kproxy.testing.daemon_process import KPROXY, KproxyProcess
+from kproxy.testing.daemon_process import KPROXY, KproxyProcess, http_get
 from kproxy.testing.fakeapi import FakeAPIServer
 from kproxy.testing.linesrv import LineServer, line_client, read_line
 from kproxy.testing.netns import EchoServer, ProbeResult, call_in, probe, probe_many, wait_for
@@ -106,16 +105,7 @@ class Env:
         return out
 
     def get(self, port: int, path: str) -> tuple[int, bytes]:
-        def fetch() -> tuple[int, bytes]:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            try:
-                conn.request("GET", path)
-                resp = conn.getresponse()
-                return resp.status, resp.read()
-            finally:
-                conn.close()
-
-        return call_in(self.node, fetch)
+        return http_get(self.node, port, path)
 
 
 @pytest.fixture(scope="module")
