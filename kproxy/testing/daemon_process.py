@@ -11,11 +11,12 @@ import json
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kproxy.lab import NamespaceRef
+from kproxy.lab import Lab, NamespaceRef
+from kproxy.testing.fakeapi import FakeAPIServer
 from kproxy.testing.netns import call_in
 
 KPROXY = str(Path(sys.executable).with_name("kproxy"))
@@ -68,3 +69,29 @@ def http_get(ns: NamespaceRef, port: int, path: str) -> tuple[int, bytes]:
             conn.close()
 
     return call_in(ns, fetch)
+
+
+@dataclass
+class DaemonEnv:
+    """What an end-to-end module shares: the lab, whose node-1 runs the daemons started so far
+    (the last one current) against the fake API server, and a directory for their logs."""
+
+    lab: Lab
+    api: FakeAPIServer
+    tmp: Path
+    kproxies: list[KproxyProcess] = field(default_factory=list)
+
+    @property
+    def node(self) -> str:
+        return self.lab.node(1).ns
+
+    @property
+    def client(self) -> str:
+        return self.lab.client(1).ns
+
+    @property
+    def kproxy(self) -> KproxyProcess:
+        return self.kproxies[-1]
+
+    def get(self, port: int, path: str) -> tuple[int, bytes]:
+        return http_get(self.node, port, path)

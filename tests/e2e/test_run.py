@@ -19,8 +19,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -28,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kproxy.lab import Lab
 from kproxy.testing.builders import endpoint, endpoint_slice, node, service
-from kproxy.testing.daemon_process import KproxyProcess, http_get
+from kproxy.testing.daemon_process import DaemonEnv, KproxyProcess
 from kproxy.testing.fakeapi import FakeAPIServer
 from kproxy.testing.netns import EchoServer, ProbeResult, Sender, call_in, probe, probe_many, wait_for
 
@@ -76,24 +75,8 @@ WEB = service(
 
 
 @dataclass
-class Env:
-    lab: Lab
-    api: FakeAPIServer
-    tmp: Path
-    kproxies: list[KproxyProcess] = field(default_factory=list)
+class Env(DaemonEnv):
     _variant: str = ""
-
-    @property
-    def node(self) -> str:
-        return self.lab.node(1).ns
-
-    @property
-    def client(self) -> str:
-        return self.lab.client(1).ns
-
-    @property
-    def kproxy(self) -> KproxyProcess:
-        return self.kproxies[-1]
 
     def start_kproxy(self) -> KproxyProcess:
         kubeconfig = self.api.write_kubeconfig(self.tmp / "kubeconfig")
@@ -124,9 +107,6 @@ class Env:
             else:
                 raise AssertionError("no KPROXY chains in either iptables backend")
         return self._variant
-
-    def get(self, port: int, path: str) -> tuple[int, bytes]:
-        return http_get(self.node, port, path)
 
     def metric(self, name: str, **labels: str) -> float | None:
         code, body = self.get(10249, "/metrics")

@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kproxy.lab import Lab
 from kproxy.testing.builders import endpoint, endpoint_slice, node, service
-from kproxy.testing.daemon_process import KPROXY, KproxyProcess, http_get
+from kproxy.testing.daemon_process import KPROXY, DaemonEnv, KproxyProcess
 from kproxy.testing.fakeapi import FakeAPIServer
 from kproxy.testing.linesrv import LineServer, line_client, read_line
 from kproxy.testing.netns import EchoServer, ProbeResult, call_in, probe, probe_many, wait_for
@@ -52,24 +51,8 @@ def slice_for(svc: str, port: int, *pods: str) -> dict[str, Any]:
 
 
 @dataclass
-class Env:
-    lab: Lab
-    api: FakeAPIServer
-    tmp: Path
-    lines: dict[str, LineServer]
-    kproxies: list[KproxyProcess] = field(default_factory=list)
-
-    @property
-    def node(self) -> str:
-        return self.lab.node(1).ns
-
-    @property
-    def client(self) -> str:
-        return self.lab.client(1).ns
-
-    @property
-    def kproxy(self) -> KproxyProcess:
-        return self.kproxies[-1]
+class Env(DaemonEnv):
+    lines: dict[str, LineServer] = field(default_factory=dict)
 
     def start_kproxy(self, mode: str) -> KproxyProcess:
         kubeconfig = self.api.write_kubeconfig(self.tmp / "kubeconfig")
@@ -104,9 +87,6 @@ class Env:
                 out[parts[1]] = (int(parts[3]), int(parts[4]))
         return out
 
-    def get(self, port: int, path: str) -> tuple[int, bytes]:
-        return http_get(self.node, port, path)
-
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
@@ -120,7 +100,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         lines = {pod.name: LineServer(pod.ns, pod.name, HOLD) for pod in lab.all_pods}
         servers += lines.values()
         api = call_in(lab.node(1).ns, FakeAPIServer().start)
-        env = Env(lab, api, tmp, lines)
+        env = Env(lab, api, tmp, lines=lines)
         try:
             api.create("nodes", node(addresses=["192.168.0.2"], pod_cidrs=["10.0.1.0/24"]))
             api.create("services", service("web", "default", cluster_ip=VIP, port=80))
