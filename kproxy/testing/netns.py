@@ -447,6 +447,41 @@ def _udp_socket_on_fresh_port(family: socket.AddressFamily, src_ip: str | None) 
     return sock
 
 
+# ----- a stream of new connections
+
+
+class ProbeStream:
+    """New TCP connections from `ns` to dst:port, one after another on a thread, until the
+    `with` block ends: what a client sees while the proxy restarts or changes mode.
+    `results` grows as they finish (read its length to wait for progress)."""
+
+    def __init__(self, ns: NamespaceRef, dst_ip: str, port: int, timeout: float = 2.0) -> None:
+        self.results: list[ProbeResult] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(ns, dst_ip, port, timeout), name=f"stream:{dst_ip}", daemon=True
+        )
+
+    def _run(self, ns: NamespaceRef, dst_ip: str, port: int, timeout: float) -> None:
+        while not self._stop.is_set():
+            self.results.append(probe(ns, dst_ip, port, timeout=timeout))
+
+    def failed(self) -> list[str]:
+        return [str(r) for r in self.results if not r.answered]
+
+    def __enter__(self) -> ProbeStream:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        if self._thread.is_alive():
+            raise RuntimeError("probe stream did not stop")
+
+
 # ----- a UDP sender with a fixed source
 
 

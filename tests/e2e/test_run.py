@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from kproxy.lab import Lab
 from kproxy.testing.builders import endpoint, endpoint_slice, node, service
 from kproxy.testing.daemon_process import DaemonEnv, KproxyProcess
 from kproxy.testing.fakeapi import FakeAPIServer
-from kproxy.testing.netns import EchoServer, ProbeResult, Sender, call_in, probe, probe_many, wait_for
+from kproxy.testing.netns import EchoServer, ProbeStream, Sender, call_in, probe_many, wait_for
 
 pytestmark = [
     pytest.mark.kernel,
@@ -254,18 +253,10 @@ def test_rules_removed_by_hand_come_back_within_a_sync_period(env: Env, how: tup
 
 
 def test_a_restart_under_a_stream_of_connections_loses_none(env: Env) -> None:
-    results: list[ProbeResult] = []
-    stop = threading.Event()
-
-    def stream() -> None:
-        while not stop.is_set():
-            results.append(probe(env.client, VIP, 80, timeout=2.0))
-
     udp = Sender(env.client, VIP, 80)  # one UDP flow, established before the restart
     before = udp.send()
-    streamer = threading.Thread(target=stream, name="stream")
-    streamer.start()
-    try:
+    with ProbeStream(env.client, VIP, 80) as stream:
+        results = stream.results
         wait_for(lambda: len(results) >= 20, timeout=CONVERGE, message="stream running")
         old = env.kproxy
         assert old.stop() == 0
@@ -277,12 +268,9 @@ def test_a_restart_under_a_stream_of_connections_loses_none(env: Env) -> None:
         wait_for(lambda: new.events("sync_complete"), timeout=CONVERGE, message="restarted kproxy synced")
         synced_at = len(results)
         wait_for(lambda: len(results) >= synced_at + 20, timeout=CONVERGE, message="stream after the restart")
-    finally:
-        stop.set()
-        streamer.join(10)
     first = new.events("sync_complete")[0]
     assert (first["kind"], first["reason"]) == ("full", "start")
-    failed = [str(r) for r in results if not r.answered]
+    failed = stream.failed()
     assert failed == [], f"{len(failed)} of {len(results)} connections lost: {failed[:3]}"
     assert len(results) > during > 20
     after = udp.send()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from kproxy.testing.builders import endpoint, endpoint_slice, node, service
 from kproxy.testing.daemon_process import KPROXY, DaemonEnv, KproxyProcess
 from kproxy.testing.fakeapi import FakeAPIServer
 from kproxy.testing.linesrv import LineServer, line_client, read_line
-from kproxy.testing.netns import EchoServer, ProbeResult, call_in, probe, probe_many, wait_for
+from kproxy.testing.netns import EchoServer, ProbeStream, call_in, probe, probe_many, wait_for
 
 pytestmark = pytest.mark.vm
 
@@ -145,26 +144,15 @@ def test_the_iptables_mode_serves_first(env: Env) -> None:
 
 
 def test_switching_to_the_ipvs_mode_under_a_stream_loses_no_connection(env: Env) -> None:
-    results: list[ProbeResult] = []
-    stop = threading.Event()
-
-    def stream() -> None:
-        while not stop.is_set():
-            results.append(probe(env.client, VIP, 80, timeout=2.0))
-
-    streamer = threading.Thread(target=stream, name="stream")
-    streamer.start()
-    try:
+    with ProbeStream(env.client, VIP, 80) as stream:
+        results = stream.results
         wait_for(lambda: len(results) >= 10, timeout=CONVERGE, message="stream running")
         assert env.kproxy.stop() == 0
         new = env.start_kproxy("ipvs")
         wait_for(lambda: synced(new), timeout=START, message="the IPVS-mode daemon synced")
         synced_at = len(results)
         wait_for(lambda: len(results) >= synced_at + 10, timeout=CONVERGE, message="stream after the switch")
-    finally:
-        stop.set()
-        streamer.join(10)
-    failed = [str(r) for r in results if not r.answered]
+    failed = stream.failed()
     assert failed == [], f"{len(failed)} of {len(results)} connections lost: {failed[:3]}"
     first = synced(env.kproxy)[0]
     assert (first["kind"], first["reason"]) == ("full", "start")
