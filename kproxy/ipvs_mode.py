@@ -16,7 +16,14 @@ from typing import Any, TypeVar
 
 import click
 
-from kproxy.config import DEFAULT_SCHEDULER, SCHEDULERS, IpvsConfig, ProxyConfig, validate_ipvs_config
+from kproxy.config import (
+    DEFAULT_SCHEDULER,
+    SCHEDULERS,
+    IpvsConfig,
+    ProxyConfig,
+    parse_duration,
+    validate_ipvs_config,
+)
 from kproxy.errors import BackendError, ConfigError
 from kproxy.model import ClusterState, IPFamily
 from kproxy.proxier import ipvs as pv
@@ -37,25 +44,15 @@ UPSTREAM_SETS = (
 UPSTREAM_SET_NAMES = frozenset(UPSTREAM_SETS) | {("KUBE-6-" + n[len("KUBE-") :])[:31] for n in UPSTREAM_SETS}
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d*)?)(ms|s|m|h)")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
 def parse_seconds(text: str, flag: str) -> float:
     """Seconds from a plain number or a Go duration as kube-proxy's flags take (`900s`, `1m30s`)."""
     s = text.strip()
     if re.fullmatch(r"\d+(\.\d*)?", s):
         return float(s)
-    pos, total = 0, 0.0
-    while pos < len(s):
-        m = _DURATION.match(s, pos)
-        if m is None:
-            raise ConfigError(f"{flag}: {text!r} is not a duration like 900s or 1m30s")
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    if not s:
-        raise ConfigError(f"{flag}: empty duration")
-    return total
+    try:
+        return parse_duration(s)
+    except ValueError as e:
+        raise ConfigError(f"{flag}: {e}") from None
 
 
 def ipvs_options(fn: F) -> F:
