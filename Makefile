@@ -38,6 +38,7 @@ bench: venv
 
 lint: venv
 	$(VENV)/bin/ruff check kproxy tests bench tools
+	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
 deps:

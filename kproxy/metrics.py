@@ -145,6 +145,13 @@ class ProxyMetrics:
             ["kind"],
             registry=r,
         )
+        self.rules_tampered = Counter(
+            "kproxy_rules_tampered_total",
+            "Programmed objects found changed by someone else and put back, by kind "
+            "(chain, jump, canary, ipset, virtual_server, real_server)",
+            ["kind"],
+            registry=r,
+        )
         # Upstream pre-creates both label values; a dashboard then sees zeros, not gaps.
         for policy in ("internal", "external"):
             self.no_local_endpoints.labels(policy).set(0)

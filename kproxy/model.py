@@ -36,7 +36,8 @@ class Protocol(str, enum.Enum):
     SCTP = "SCTP"
 
     @property
-    def lower(self) -> str:
+    def lowercase(self) -> str:
+        # Not `lower`: that would shadow str.lower with a property of another type.
         return self.value.lower()
 
 

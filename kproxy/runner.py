@@ -7,6 +7,9 @@ One thread calls `fn` (the sync). Guarantees, all measured on the injected clock
   ended, whatever the requests (end to start, so a slow sync cannot be followed by another at once).
 - **Maximum interval.** A run starts at most `max_interval` after the previous one ended (or after
   `start`), requested or not: the periodic resync.
+- **Deadline.** `run_by(t)` asks for a run no later than `t` (never sooner than the minimum
+  interval): the daemon's once-per-sync-period drift check, which partial syncs would otherwise
+  keep pushing back.
 - **Retry.** When `fn` returns False the runner retries after `retry_interval`, doubling with
   each consecutive failure up to `max_interval`, never sooner than the minimum interval. A
   success resets the backoff; a `run()` request is honoured at once (subject to the minimum).
@@ -66,6 +69,7 @@ class BoundedFrequencyRunner:
         self._cond = threading.Condition()
         self._requested = False
         self._retry_at: float | None = None
+        self._deadline: float | None = None
         self._failures = 0
         self._started_at: float | None = None
         self._last_end: float | None = None
@@ -88,6 +92,14 @@ class BoundedFrequencyRunner:
         """Request a run as soon as the minimum interval allows."""
         with self._cond:
             self._requested = True
+            self._cond.notify_all()
+
+    def run_by(self, deadline: float) -> None:
+        """Request a run no later than `deadline` on the runner's clock (the earliest request
+        wins; a run that starts meanwhile satisfies it)."""
+        with self._cond:
+            if self._deadline is None or deadline < self._deadline:
+                self._deadline = deadline
             self._cond.notify_all()
 
     def stop(self, timeout: float | None = None) -> bool:
@@ -137,6 +149,8 @@ class BoundedFrequencyRunner:
             due = min(due, earliest)
         if self._retry_at is not None:
             due = min(due, max(self._retry_at, earliest))
+        if self._deadline is not None:
+            due = min(due, max(self._deadline, earliest))
         return due
 
     def _loop(self) -> None:
@@ -152,6 +166,7 @@ class BoundedFrequencyRunner:
                     self._clock.wait(self._cond, None if due is None else due - now)
                 self._requested = False
                 self._retry_at = None
+                self._deadline = None
             try:
                 ok = self._fn()
             except BaseException as exc:  # a bug: end loudly, never spin on it

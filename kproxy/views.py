@@ -1,6 +1,6 @@
 """One IP family's view of the cluster state, kept up to date per changed Service.
 
-`IncrementalView.update` gives the same `FamilyView` as `kproxy.proxier.base.family_view` over the
+`IncrementalView.update` gives the same `FamilyView` as `kproxy.view.family_view` over the
 whole state, but recomputes only the Services named as changed (their ports, and the endpoints
 folded from their EndpointSlices), so a sync after one endpoint change does not walk every
 EndpointSlice of the cluster again. Pure; single-threaded (the sync thread owns it).
@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 
 from kproxy.endpointslices import endpoints_by_port
 from kproxy.model import ClusterState, Endpoint, IPFamily, ServicePort, ServicePortName
-from kproxy.proxier.base import FamilyView
+from kproxy.view import FamilyView
 
 ServiceKey = tuple[str, str]
 SliceKey = tuple[str, str]

@@ -25,6 +25,12 @@ def _show(value: Any) -> str:
     return f"`{value}`"
 
 
+def _acted(flag: config.Flag) -> str:
+    if not flag.acted:
+        return "no"
+    return "yes, `run` only" if config.run_only(flag) else "yes"
+
+
 def render() -> str:
     flags_by_path: dict[str, list[str]] = {}
     for flag in config.FLAGS:
@@ -33,11 +39,18 @@ def render() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `kproxy/config.py` by `tools/gen_config_reference.py`; a test fails when it is out",
+        "Generated from `kproxy/config/table.py` by `tools/gen_config_reference.py`; a test fails when it is out",
         "of date. `kproxy run` takes kube-proxy's flags and a `--config` file holding a",
         f"`{config.KIND}` (`{config.API_VERSION}`), or a kube-proxy ConfigMap as `kubectl get -o yaml`",
         "prints it. Settings kproxy does not act on are accepted and named in one `config_ignored`",
         "warning at start-up; invalid values stop start-up with a message naming the field or flag.",
+        "",
+        "`kproxy sync` and `kproxy trace` take the same flags and `--config` file through the same",
+        "code, with the same messages and exit status 2, plus their own options (`--node`, an alias of",
+        "`--hostname-override` that they require, `--state`, `--dry-run`, ...). Settings marked",
+        '"`run` only" are the daemon\'s (servers, periods, start-up sysctls, logging): sync and trace',
+        "accept and validate them, and they have no effect there. sync and trace name what kproxy",
+        "does not act on in one line on stderr, and refuse run's actions `--cleanup` and `--init-only`.",
         "",
         "`mode` is `iptables` or `ipvs` (`nftables` is refused: no such mode yet). A field marked with",
         "a mode is read in that mode only, and named in the warning when set in the other one;",
@@ -63,9 +76,7 @@ def render() -> str:
         "|---|---|---|---|---|",
     ]
     for flag in sorted((f for f in config.FLAGS if not f.path), key=lambda f: f.name):
-        lines.append(
-            f"| `--{flag.name}` | {flag.kind} | {_show(flag.default)} | {'yes' if flag.acted else 'no'} | {flag.help} |"
-        )
+        lines.append(f"| `--{flag.name}` | {flag.kind} | {_show(flag.default)} | {_acted(flag)} | {flag.help} |")
     return "\n".join(lines) + "\n"
 
 

@@ -45,7 +45,7 @@ class Conntrack:
         self._f = "ipv4" if family is IPFamily.V4 else "ipv6"
 
     def list(self, protocol: Protocol = Protocol.UDP) -> list[Flow]:
-        argv = ["conntrack", "-L", "-f", self._f, "-p", protocol.lower]
+        argv = ["conntrack", "-L", "-f", self._f, "-p", protocol.lowercase]
         res = _run(argv)
         if res.returncode != 0:
             raise BackendError(
@@ -62,7 +62,7 @@ class Conntrack:
                 "-f",
                 self._f,
                 "-p",
-                fl.protocol.lower,
+                fl.protocol.lowercase,
                 "-s",
                 fl.orig_src,
                 "-d",

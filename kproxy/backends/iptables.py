@@ -1,7 +1,9 @@
 """iptables through `iptables-restore --noflush` transactions, and `iptables-save` for names.
 
 Rules are never read back for comparison (iptables normalises them, Calico's lesson); only
-chain names and our jumps in the built-in chains are read. The backend of the node (nf_tables
+chain names, how many rules each of our chains holds, and our jumps in the built-in chains are
+read. A rule count that differs from what was written is how drift is told (a chain someone
+flushed, or whose rules someone added or deleted) without comparing rule text. The backend of the node (nf_tables
 or legacy) is detected as upstream's iptables-wrapper does, because writing to the other one
 would leave two disagreeing rulesets in the kernel.
 """
@@ -12,10 +14,14 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kproxy.errors import BackendError
 from kproxy.model import IPFamily
+
+if TYPE_CHECKING:
+    from kproxy.backends.protocols import IptablesBackend
 
 # How long to wait for the xtables lock that other agents (kubelet, CNI plugins) also take.
 LOCK_WAIT_SECONDS = 10
@@ -69,6 +75,8 @@ class SavedState:
     jumps: dict[str, set[tuple[str, str]]]
     # The full text of rules in built-in chains that jump to an owned chain, per table (for cleanup).
     jump_rules: dict[str, list[str]]
+    # How many rules each owned chain holds, per table (an empty chain is absent).
+    rule_counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class Iptables:
@@ -91,13 +99,14 @@ class Iptables:
         chains: dict[str, set[str]] = {}
         jumps: dict[str, set[tuple[str, str]]] = {}
         jump_rules: dict[str, list[str]] = {}
+        rule_counts: dict[str, dict[str, int]] = {}
         for table in tables:
             argv = [_binary(self.family, self.variant, "save"), "-t", table]
             res = _run(argv)
             if res.returncode != 0:
                 # A table that was never used does not exist yet on the legacy backend.
                 if "does not exist" in res.stderr or "Table does not exist" in res.stderr:
-                    chains[table], jumps[table], jump_rules[table] = set(), set(), []
+                    chains[table], jumps[table], jump_rules[table], rule_counts[table] = set(), set(), [], {}
                     continue
                 raise BackendError(
                     "reading iptables failed", argv=tuple(argv), returncode=res.returncode, stderr=res.stderr
@@ -105,18 +114,23 @@ class Iptables:
             names: set[str] = set()
             found: set[tuple[str, str]] = set()
             rules: list[str] = []
+            counts: dict[str, int] = {}
             for line in res.stdout.splitlines():
                 if line.startswith(":"):
                     names.add(line[1:].split(" ", 1)[0])
-                elif line.startswith("-A ") and "-j " in line:
+                elif line.startswith("-A "):
                     chain = line.split(" ", 2)[1]
-                    target = line.rsplit("-j ", 1)[1].split(" ", 1)[0]
-                    if chain.startswith(prefixes) or not target.startswith(prefixes):
+                    if chain.startswith(prefixes):
+                        counts[chain] = counts.get(chain, 0) + 1
                         continue
-                    found.add((chain, target))
-                    rules.append(line)
-            chains[table], jumps[table], jump_rules[table] = names, found, rules
-        return SavedState(chains, jumps, jump_rules)
+                    if "-j " not in line:
+                        continue
+                    target = line.rsplit("-j ", 1)[1].split(" ", 1)[0]
+                    if target.startswith(prefixes):
+                        found.add((chain, target))
+                        rules.append(line)
+            chains[table], jumps[table], jump_rules[table], rule_counts[table] = names, found, rules, counts
+        return SavedState(chains, jumps, jump_rules, rule_counts)
 
     def restore(self, text: str) -> None:
         """Apply one transaction; on failure the kernel keeps what it had."""
@@ -172,13 +186,13 @@ CANARY_TABLES = ("mangle", "nat", "filter")
 _NO_SUCH_CHAIN = 1
 
 
-def ensure_canary(ipt: Iptables) -> None:
+def ensure_canary(ipt: IptablesBackend) -> None:
     """Create (or reset) the canary chain with its rule in mangle, nat and filter: one transaction."""
     rule = f"-A {CANARY_CHAIN} -j RETURN"
     ipt.restore("".join(f"*{t}\n:{CANARY_CHAIN} - [0:0]\n{rule}\nCOMMIT\n" for t in CANARY_TABLES))
 
 
-def canary_intact(ipt: Iptables) -> bool:
+def canary_intact(ipt: IptablesBackend) -> bool:
     """Whether the canary chain and its rule are still there in all three tables."""
     for table in CANARY_TABLES:
         binary = _binary(ipt.family, ipt.variant, "")

@@ -24,6 +24,9 @@ Guarantees:
   redirects, with the default certificate or rejected handshakes (never a silent downgrade to
   plaintext); a security annotation that cannot be honoured → every path of the Ingress answers
   503 (see `annotations`).
+
+Why one module of ~730 lines: Ingress semantics (classes, hosts, paths, precedence, TLS, default
+backends) are one conversion whose rules refer to each other.
 """
 
 from __future__ import annotations

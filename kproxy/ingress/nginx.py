@@ -22,6 +22,9 @@ Guarantees:
   configuration still running keeps reading the old one until it is replaced. Modes: keys 0600,
   certificates 0644, htpasswd 0640 (nginx workers read it per request; the writer must give the
   worker group read access).
+
+Why one module of ~600 lines: one deterministic renderer; every directive kproxy emits and the
+escaping that keeps user data out of nginx syntax live together so they can be audited together.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def _hash_slow(text: str) -> str:
 
 @lru_cache(maxsize=1 << 16)
 def port_hash(spn: ServicePortName) -> str:
-    return _hash(str(spn) + spn.protocol.lower)
+    return _hash(str(spn) + spn.protocol.lowercase)
 
 
 def service_chain(spn: ServicePortName) -> str:
@@ -80,7 +80,7 @@ def firewall_chain(spn: ServicePortName) -> str:
 
 @lru_cache(maxsize=1 << 18)
 def endpoint_chain(spn: ServicePortName, endpoint_addr: str) -> str:
-    return "KPROXY-SEP-" + _hash(str(spn) + spn.protocol.lower + endpoint_addr)
+    return "KPROXY-SEP-" + _hash(str(spn) + spn.protocol.lowercase + endpoint_addr)
 
 
 def is_owned(name: str) -> bool:

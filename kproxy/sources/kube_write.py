@@ -16,7 +16,7 @@ import json
 import secrets
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import urllib3
 from kubernetes import client as k8s
@@ -84,12 +84,13 @@ class ApiWriter:
             "reportingInstance": self.instance,
         }
         try:
-            # The body goes out as the dict it is (the client serialises dicts unchanged).
+            # The body goes out as the dict it is (the client serialises dicts unchanged); the
+            # client's annotation names only its model class, hence the cast.
             resp: Any = self._core.create_namespaced_event(
                 namespace,
-                body,
+                cast("k8s.CoreV1Event", body),
                 _preload_content=False,
-                _request_timeout=self._timeout,  # type: ignore[arg-type]
+                _request_timeout=self._timeout,
             )
             resp.release_conn()
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kproxy.lab import Lab, NamespaceRef
+from kproxy.lab.namespaces import Lab, NamespaceRef
 from kproxy.testing.fakeapi import FakeAPIServer
 from kproxy.testing.netns import call_in
 

@@ -33,6 +33,9 @@ What it guarantees, because the reflector's tests depend on it:
 Deliberately simple: no auth, no admission, no defaulting, no pagination (``limit`` is ignored,
 which the API allows), merge patches only. The resource table (`RESOURCES`) is data: another kind
 is one more `ResourceType` line.
+
+Why one module of ~1,000 lines: a faithful fake of one protocol (resourceVersion, bookmarks, 410,
+selectors, status subresources, chunked watches) whose parts share one store and one lock.
 """
 
 from __future__ import annotations

@@ -47,10 +47,12 @@ class FakeIptables:
             chains: dict[str, set[str]] = {}
             jumps: dict[str, set[tuple[str, str]]] = {}
             jump_rules: dict[str, list[str]] = {}
+            rule_counts: dict[str, dict[str, int]] = {}
             for table in tables:
                 content = self.tables.get(table, {})
                 chains[table] = set(content)
                 jumps[table], jump_rules[table] = set(), []
+                rule_counts[table] = {c: len(r) for c, r in content.items() if c.startswith(prefixes) and r}
                 for chain, rules in content.items():
                     if chain.startswith(prefixes):
                         continue
@@ -59,7 +61,7 @@ class FakeIptables:
                         if target and target.startswith(prefixes):
                             jumps[table].add((chain, target))
                             jump_rules[table].append(f"-A {chain} {rule}")
-            return SavedState(chains, jumps, jump_rules)
+            return SavedState(chains, jumps, jump_rules, rule_counts)
 
     def restore(self, text: str) -> None:
         with self._lock:

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kproxy.config import ProxyConfig
+from kproxy.proxier.iptables.trace import DROP, REJECT, UNTOUCHED
 from kproxy.testing.builders import endpoint, endpoint_slice, node, service
-from kproxy.testing.tracer import DROP, REJECT, UNTOUCHED
 
 LOCAL_POD, LOCAL_POD2, REMOTE_POD = "10.0.1.10", "10.0.1.11", "10.0.2.10"
 OTHER_POD = "10.0.1.20"
@@ -26,7 +26,7 @@ REMOTE_ONLY = {f"{REMOTE_POD}:80"}
 BASE_CFG = ProxyConfig(node_name="node-1", cluster_cidrs=("10.0.0.0/8",))
 
 
-def both_endpoints() -> list[dict]:
+def both_endpoints() -> list[dict[str, Any]]:
     return [endpoint(LOCAL_POD, "node-1"), endpoint(REMOTE_POD, "node-2")]
 
 
@@ -54,7 +54,7 @@ class Flow:
 @dataclass
 class Scenario:
     name: str
-    objects: list[dict]
+    objects: list[dict[str, Any]]
     flows: list[Flow]
     cfg: ProxyConfig = BASE_CFG
     affinity: dict[str, str] = field(default_factory=dict)

@@ -15,6 +15,7 @@ Each counts its writes, for "one endpoint changed, one real server written" chec
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kproxy.backends.ipset import SetEntry
@@ -103,6 +104,9 @@ class FakeIpvs:
         self.timeouts = (tcp or old[0], tcpfin or old[1], udp or old[2])
         self.writes["set_timeouts"] += 1
 
+    def close(self) -> None:
+        pass  # no socket to close
+
     # ----- for tests
 
     def set_connections(
@@ -161,8 +165,8 @@ class FakeIpset:
         self.iptables = iptables
         self.restores: list[str] = []
 
-    def save(self, owned: object) -> dict[str, SetEntry]:
-        return {n: s for n, s in self.sets.items() if owned(n)}  # type: ignore[operator]
+    def save(self, owned: Callable[[str], bool]) -> dict[str, SetEntry]:
+        return {n: s for n, s in self.sets.items() if owned(n)}
 
     def restore(self, text: str) -> None:
         if not text:

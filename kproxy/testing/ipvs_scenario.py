@@ -8,11 +8,11 @@ from typing import Any
 
 from kproxy.config import IpvsConfig, ProxyConfig, validate, validate_ipvs_config
 from kproxy.model import IPFamily
-from kproxy.proxier import ipvs as pv
-from kproxy.proxier.base import family_view, node_context
-from kproxy.proxier.context import NodeContext
+from kproxy.node import NodeContext
+from kproxy.proxier.ipvs import render as pv
+from kproxy.proxier.ipvs.trace import IpvsTracer
 from kproxy.state import build_state
-from kproxy.testing.ipvs_tracer import IpvsTracer
+from kproxy.view import family_view, node_context
 
 HOST_ADDRS = ("127.0.0.1", "192.168.0.2", "::1", "fd00:192:168::2")
 

@@ -94,4 +94,5 @@ def read_line(sock: socket.socket) -> dict[str, str]:
         if not chunk:
             raise ConnectionError(f"closed after {data!r}")
         data += chunk
-    return json.loads(data)
+    greeting: dict[str, str] = json.loads(data)
+    return greeting

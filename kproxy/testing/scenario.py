@@ -7,11 +7,11 @@ from typing import Any
 
 from kproxy.config import ProxyConfig, validate
 from kproxy.model import IPFamily
-from kproxy.proxier import iptables as ipt
-from kproxy.proxier.base import family_view, node_context
-from kproxy.proxier.context import NodeContext
+from kproxy.node import NodeContext
+from kproxy.proxier.iptables import render as ipt
+from kproxy.proxier.iptables.trace import Tracer
 from kproxy.state import build_state
-from kproxy.testing.tracer import Tracer
+from kproxy.view import family_view, node_context
 
 
 def render_objects(

@@ -2,7 +2,7 @@
 
 No root, no cluster, no network. What is derived from the code rather than restated:
 - the RBAC rules: the `Resource` definitions of kproxy/sources/kube.py, the ones each program
-  watches (kproxy/daemon.py; kproxy/ingress/controller.py; kproxy/ingress/hostport.py and
+  watches (kproxy/daemon/daemon.py; kproxy/ingress/controller.py; kproxy/hostport/syncer.py and
   cli_ingress.py), and the API calls of kproxy/sources/kube_write.py, must equal the rules of
   each ClusterRole exactly (nothing missing, nothing extra);
 - the KubeProxyConfiguration: loaded with kproxy's own loader, and the DaemonSet's command line
@@ -28,9 +28,9 @@ import yaml
 from click.testing import CliRunner
 
 from kproxy.backends.iptables import _binary
-from kproxy.cli_ingress import controller as ingress_controller_cmd
-from kproxy.cli_ingress import hostports as hostports_cmd
-from kproxy.cli_run import run as run_cmd
+from kproxy.cli.ingress import controller as ingress_controller_cmd
+from kproxy.cli.ingress import hostports as hostports_cmd
+from kproxy.cli.run import run as run_cmd
 from kproxy.config import HEALTHZ_PORT, load_run_config
 from kproxy.ingress.convert import DEFAULT_CONTROLLER
 from kproxy.model import IPFamily
@@ -294,7 +294,7 @@ def _bound(objects: list[Obj], role: str, account: str, namespace: str) -> None:
 
 def test_kproxy_run_role_is_exactly_what_the_daemon_lists_and_watches() -> None:
     objects = _render(DAEMONSET)
-    expected = _watched("kproxy/daemon.py") | _writes_of("kproxy/daemon.py", "kproxy/cli_run.py")
+    expected = _watched("kproxy/daemon/daemon.py") | _writes_of("kproxy/daemon/daemon.py", "kproxy/cli/run.py")
     assert expected == {
         ("", "services", "list"),
         ("", "services", "watch"),
@@ -321,11 +321,11 @@ def test_ingress_controller_role_is_exactly_what_the_controller_uses() -> None:
 
 def test_hostports_role_is_exactly_what_the_hostport_daemon_uses() -> None:
     objects = _render(OVERLAYS["ingress"])
-    code = _source("kproxy/cli_ingress.py")
+    code = _source("kproxy/cli/ingress.py")
     daemon_part = code[code.index("def _hostports_daemon") :]
-    hostport_py = _source("kproxy/ingress/hostport.py")
-    watched = _watched("kproxy/ingress/hostport.py")
-    writes = _writes_of("kproxy/ingress/hostport.py") if "Recorder(" in daemon_part else set()
+    hostport_py = _source("kproxy/hostport/syncer.py")
+    watched = _watched("kproxy/hostport/syncer.py")
+    writes = _writes_of("kproxy/hostport/syncer.py") if "Recorder(" in daemon_part else set()
     expected = watched | writes
     assert "Recorder(writer)" in daemon_part and "HostPortDaemon" in hostport_py
     assert expected == {

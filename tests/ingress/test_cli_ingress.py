@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from ingresskit import NGINX, Cert
 from test_reload import tls_secret
 
-from kproxy.cli import main
+from kproxy.cli.main import main
 
 P = "nginx.ingress.kubernetes.io/"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kproxy.lab import NETNS_DIR, Lab, lab_namespaces, remove_namespaces
+from kproxy.lab.namespaces import NETNS_DIR, Lab, lab_namespaces, remove_namespaces
 
 # Test labs are named kt<pid>[letters]-...: the pid tells whether their owner still runs.
 _TEST_PREFIX = re.compile(r"(kt(\d+)[a-z]*)-")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kproxy.lab import lab_namespaces
+from kproxy.lab.namespaces import lab_namespaces
 
 KPROXY = str(Path(sys.executable).with_name("kproxy"))
 

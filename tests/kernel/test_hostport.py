@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kproxy.lab import NETNS_DIR, Lab, lab_namespaces, remove_namespaces
+from kproxy.lab.namespaces import NETNS_DIR, Lab, lab_namespaces, remove_namespaces
 from kproxy.testing.fakeapi import FakeAPIServer
 from kproxy.testing.netns import EchoServer, Outcome, Sender, call_in, probe, wait_for
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kproxy.lab import Lab
+from kproxy.lab.namespaces import Lab
 from kproxy.testing.builders import endpoint, endpoint_slice, node, service
 from kproxy.testing.netns import EchoServer, Outcome, ProbeResults, Sender, probe, probe_many
 
@@ -131,6 +131,16 @@ def test_node_port_on_node_ip_and_localhost(world: Lab, tmp_path: Path) -> None:
     local = probe_many(world.node(1), "127.0.0.1", 30080, count=N)
     assert answered_by(local) == {"pod-1a", "pod-2a"}
     assert world.run(world.node(1).ns, ["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]).stdout.strip() == "1"
+
+
+def test_localhost_node_ports_can_be_turned_off(world: Lab, tmp_path: Path) -> None:
+    objs = svc("pod-1a", type="NodePort", node_port=30080)
+    sync(world, tmp_path, objs, *V4_NODE_CFG)
+    assert answered_by(probe_many(world.node(1), "127.0.0.1", 30080, count=4)) == {"pod-1a"}
+    # kube-proxy's flag syntax, as `kproxy run` takes it.
+    sync(world, tmp_path, objs, *V4_NODE_CFG, "--iptables-localhost-nodeports=false")
+    assert probe(world.node(1), "127.0.0.1", 30080, timeout=0.5).outcome is Outcome.REFUSED  # nobody listens there
+    assert answered_by(probe_many(world.node(1), "192.168.0.2", 30080, count=4)) == {"pod-1a"}
 
 
 def test_node_port_addresses_restrict_where_node_ports_answer(world: Lab, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from kproxy.lab import NETNS_DIR, Host, Lab, lab_namespaces
+from kproxy.lab.namespaces import NETNS_DIR, Host, Lab, lab_namespaces
 from kproxy.testing.netns import EchoServer, Outcome, Sender, probe, probe_many, socket_in
 
 PORT = 8080

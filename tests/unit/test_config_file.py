@@ -10,7 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from kproxy.cli import main
+from kproxy.cli.main import main
 from kproxy.config import ConntrackConfig, format_duration, load_run_config, parse_duration
 from kproxy.errors import ConfigError
 

@@ -19,18 +19,19 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from kproxy.config import load_run_config
-from kproxy.daemon import Daemon, FamilyPlane
+from kproxy.daemon.daemon import Daemon, FamilyPlane
+from kproxy.daemon.health import ProxyHealth
 from kproxy.errors import BackendError
-from kproxy.health import ProxyHealth
 from kproxy.metrics import ProxyMetrics
-from kproxy.model import IPFamily, Protocol, ServicePortName
-from kproxy.proxier import ipvs as pv
+from kproxy.model import Flow, IPFamily, Protocol, ServicePortName
 from kproxy.proxier import names
-from kproxy.proxier.ipvs_proxier import IpvsProxier
+from kproxy.proxier.ipvs import render as pv
+from kproxy.proxier.ipvs.proxier import IpvsProxier
 from kproxy.sources.kube import Backoff, load_client_configuration
 from kproxy.testing.builders import endpoint, endpoint_slice, node, service
 from kproxy.testing.clock import FakeClock
 from kproxy.testing.fakeapi import FakeAPIServer
+from kproxy.testing.fakeconntrack import FakeConntrack
 from kproxy.testing.fakeiptables import FakeIptables, canary_intact, ensure_canary
 from kproxy.testing.ipvs_fakes import FakeDummy, FakeIpset, FakeIpvs
 
@@ -73,8 +74,12 @@ class World:
     ipts: dict[IPFamily, FakeIptables] = field(
         default_factory=lambda: {f: FakeIptables(f) for f in (IPFamily.V4, IPFamily.V6)}
     )
+    conntracks: dict[IPFamily, FakeConntrack] = field(
+        default_factory=lambda: {f: FakeConntrack() for f in (IPFamily.V4, IPFamily.V6)}
+    )
     ipvs: FakeIpvs = field(default_factory=FakeIpvs)
     dummy: FakeDummy = field(default_factory=FakeDummy)
+    ipsets: dict[IPFamily, FakeIpset] = field(default_factory=dict)
     daemons: list[tuple[Daemon, threading.Thread, threading.Event]] = field(default_factory=list)
     exit_codes: list[int] = field(default_factory=list)
 
@@ -100,21 +105,23 @@ class World:
             given[name] = value
         cfg = load_run_config(given).config
         planes = {
-            f: FamilyPlane(f, self.ipts[f], None, canary_check=canary_intact, canary_create=ensure_canary)
+            f: FamilyPlane(f, self.ipts[f], self.conntracks[f], canary_check=canary_intact, canary_create=ensure_canary)
             for f in families
         }
         if cfg.proxy.mode == "ipvs":
             (family,) = families  # one IPVS table and dummy device: one family here
 
+            self.ipsets[family] = FakeIpset(self.ipts[family])
+
             def ipvs_proxier(listing: Any) -> IpvsProxier:
                 return IpvsProxier(
-                    family, cfg.ipvs, ipvs=self.ipvs, ipset=FakeIpset(self.ipts[family]), iptables=listing,
+                    family, cfg.ipvs, ipvs=self.ipvs, ipset=self.ipsets[family], iptables=listing,
                     device=self.dummy, sysctl=self.host.set_sysctl, kernel=(6, 1),
                 )  # fmt: skip
 
             planes = {
                 family: FamilyPlane(
-                    family, self.ipts[family], None, canary_intact, ensure_canary, ipvs_proxier, pv.JUMPS
+                    family, self.ipts[family], self.conntracks[family], canary_intact, ensure_canary, ipvs_proxier
                 )
             }
         daemon = Daemon(
@@ -235,7 +242,7 @@ def test_a_change_undone_before_the_sync_programs_nothing(world: World) -> None:
     assert daemon.trackers.services.pending == 0
     world.clock.advance(5)
     world.settle(daemon, 2)  # the queued run happens, and writes nothing
-    assert world.ipt.transactions[before:] == [""]
+    assert world.ipt.transactions[before:] == []
 
 
 # -- keeping the node converged ----------------------------------------------------------------
@@ -370,6 +377,64 @@ def test_the_other_modes_leftovers_go_once_after_the_first_sync(world: World) ->
     assert [e["kind"] for e in sync_lines(logs)] == ["full", "partial"]  # a failure there fails no sync
 
 
+DNS_IP = "172.30.0.53"
+
+
+def dns_slice(*ips: str) -> dict[str, Any]:
+    return endpoint_slice(
+        "dns", endpoints=[endpoint(ip, "node-1") for ip in ips], protocol="UDP", port=53, port_name="p53"
+    )
+
+
+def udp_flow(client: str, reply: str) -> Flow:
+    return Flow(Protocol.UDP, client, DNS_IP, 40000, 53, reply, 53)
+
+
+@pytest.mark.parametrize("mode", ["iptables", "ipvs"])
+def test_stale_udp_flows_are_looked_for_after_the_first_sync_and_udp_changes_only(world: World, mode: str) -> None:
+    world.api.create("services", service("dns", cluster_ip=DNS_IP, protocol="UDP", port=53))
+    world.api.create("endpointslices", dns_slice("10.0.1.20"))
+    ct = world.conntracks[IPFamily.V4]
+    gone, live = udp_flow("10.0.1.30", "10.0.2.99"), udp_flow("10.0.1.31", "10.0.1.20")
+    ct.flows = [gone, live]
+    daemon = world.start(*(["proxy-mode=ipvs"] if mode == "ipvs" else []))
+    world.settle(daemon, 1)
+    assert ct.lists == 1 and ct.deleted == [gone], "the first sync is full: it cleans up"
+    world.api.update("endpointslices", endpoint_slice(endpoints=[endpoint("10.0.1.11", "node-1")]))
+    world.settle(daemon, 2)
+    world.api.create("services", service("web", cluster_ip="172.30.0.44"))
+    world.settle(daemon, 3)
+    world.clock.advance(SYNC_PERIOD)  # periodic: verifying, and in the IPVS mode a full read-back
+    world.settle(daemon, 4)
+    assert ct.lists == 1, "no UDP Service port changed"
+    world.api.update("endpointslices", dns_slice("10.0.1.21"))
+    world.settle(daemon, 5)
+    assert ct.lists == 2 and ct.deleted == [gone, live]
+
+
+def test_a_failed_conntrack_cleanup_is_retried_after_the_next_sync(world: World) -> None:
+    world.api.create("services", service("dns", cluster_ip=DNS_IP, protocol="UDP", port=53))
+    world.api.create("endpointslices", dns_slice("10.0.1.20"))
+    ct = world.conntracks[IPFamily.V4]
+    daemon = world.start()
+    world.settle(daemon, 1)
+    stale = udp_flow("10.0.1.30", "10.0.1.20")
+    ct.flows = [stale]
+    ct.fail_next()
+    with capture_logs() as logs:
+        world.api.update("endpointslices", dns_slice("10.0.1.21"))
+        world.settle(daemon, 2)
+        assert ct.flows == [stale]
+        world.clock.advance(SYNC_PERIOD)
+        world.settle(daemon, 3)
+    assert ct.lists == 3 and ct.deleted == [stale]
+    assert [e["event"] for e in logs if e["event"].startswith("conntrack_")] == [
+        "conntrack_cleanup_failed",
+        "conntrack_cleaned",
+    ]
+    assert [e["kind"] for e in sync_lines(logs)] == ["partial", "partial"]  # a failure there fails no sync
+
+
 # -- what a sync reports -----------------------------------------------------------------------
 
 
@@ -458,40 +523,114 @@ def test_a_failure_in_one_family_loses_no_change_in_the_other(world: World) -> N
     daemon = world.start(families=(IPFamily.V4, IPFamily.V6))
     world.settle(daemon, 1)
     world.ipts[IPFamily.V4].fail_next(1)  # IPv4 syncs first: its failure ends this sync early
-    world.api.create(
-        "endpointslices",
-        endpoint_slice("ds", name="ds-v6", address_type="IPv6", endpoints=[endpoint("fd00:10:1::10", "node-1")]),
-    )
+    world.api.update("services", service(name="ds", cluster_ip=["172.30.0.60", "fd00:172:30::60"], port=81))
     world.settle(daemon, 2)  # refused
     world.clock.advance(1.0)
     world.settle(daemon, 3)  # the full retry
-    ds = ServicePortName("ns1", "ds", "p80", Protocol.TCP)
-    assert names.endpoint_chain(ds, "[fd00:10:1::10]:80") in world.ipts[IPFamily.V6].chains("nat")
+    rejects = world.ipts[IPFamily.V6].rules("filter", names.SERVICES)  # no endpoints for port 81
+    assert any("--dport 81" in r for r in rejects)
 
 
-@pytest.mark.parametrize("deleted", [True, False], ids=["flushed-and-deleted", "flushed-only"])
-def test_tampering_seen_by_a_partial_sync_brings_a_full_sync_at_once(world: World, deleted: bool) -> None:
+def test_a_change_meeting_chains_deleted_by_hand_fails_and_the_full_retry_restores_them(world: World) -> None:
     daemon = world.start()
     world.settle(daemon, 1)
     world.api.update("endpointslices", endpoint_slice(endpoints=[endpoint("10.0.1.11", "node-1")]))
-    world.settle(daemon, 2)  # partial; the canary was checked here: not due again for a sync period
+    world.settle(daemon, 2)  # partial; nothing is read back until the next verifying sync
     wanted = copy.deepcopy(world.ipt.tables)
     for table in ("filter", "nat"):
-        if deleted:
-            world.ipt.flush_and_delete_all(table)
-        else:
-            for chain in world.ipt.chains(table):
-                world.ipt.tables[table][chain] = []
+        world.ipt.flush_and_delete_all(table)
     with capture_logs() as logs:
         world.api.update("endpointslices", endpoint_slice(endpoints=[endpoint("10.0.1.12", "node-1")]))
-        world.settle(daemon, 4)  # the partial sync notices, the full one follows without waiting
-    partial, full = sync_lines(logs)
-    assert partial["kind"] == "partial"
-    assert (full["kind"], full["reason"]) == ("full", "tampered")
-    assert any(e["event"] == "rules_tampered" for e in logs)
+        world.settle(daemon, 3)  # refused: the new chains jump to chains that are gone
+        world.clock.advance(1.0)
+        world.settle(daemon, 4)
+    failed, full = sync_lines(logs)
+    assert (failed["event"], failed["kind"]) == ("sync_failed", "partial")
+    assert (full["kind"], full["reason"]) == ("full", "retry")
     sep = names.endpoint_chain(SPN, "10.0.1.12:80")
     assert world.ipt.rules("nat", svc_chain())[-1].endswith(sep)
     assert set(world.ipt.chains("nat")) == set(wanted["nat"]) - {names.endpoint_chain(SPN, "10.0.1.11:80")} | {sep}
+
+
+def test_a_deleted_canary_seen_by_a_verifying_sync_brings_a_full_sync_at_once(world: World) -> None:
+    daemon = world.start()
+    world.settle(daemon, 1)
+    wanted = copy.deepcopy(world.ipt.tables)
+    world.clock.advance(SYNC_PERIOD / 2)
+    world.settle(daemon, 1)
+    del world.ipt.tables["nat"]["KPROXY-PROXY-CANARY"]  # `iptables -t nat -X KPROXY-PROXY-CANARY`
+    with capture_logs() as logs:
+        world.clock.advance(SYNC_PERIOD / 2)  # the verifying sync is due, and the canary check
+        world.settle(daemon, 2)
+    [line] = sync_lines(logs)
+    assert (line["kind"], line["reason"]) == ("full", "canary")
+    assert world.ipt.tables == wanted
+
+
+def _tamper(world: World, how: str) -> list[str]:
+    """Change our rules as someone else would; the chains touched, as `rules_tampered` names them."""
+    rules = world.ipt.tables["nat"]
+    if how == "flush-dispatch":  # `iptables -t nat -F KPROXY-SERVICES`
+        rules[names.SERVICES] = []
+        return [f"nat/{names.SERVICES}"]
+    if how == "flush-every-chain":  # `iptables -t nat -F` and `-t filter -F`: jumps gone too
+        for table in ("nat", "filter"):
+            for chain in world.ipt.tables[table]:
+                world.ipt.tables[table][chain] = []
+        return [f"nat/{names.SERVICES}", f"nat/{svc_chain()}", "nat/PREROUTING jump to KPROXY-SERVICES"]
+    if how == "delete-one-rule":  # `iptables -t nat -D KPROXY-SVC-... 1`
+        del rules[svc_chain()][0]
+        return [f"nat/{svc_chain()}"]
+    # `iptables -t nat -I KPROXY-SERVICES 1 ...`: a foreign rule in our dispatch chain
+    rules[names.SERVICES].insert(0, "-d 172.30.0.41/32 -p tcp --dport 80 -j RETURN")
+    return [f"nat/{names.SERVICES}"]
+
+
+@pytest.mark.parametrize("how", ["flush-dispatch", "flush-every-chain", "delete-one-rule", "foreign-rule"])
+def test_drift_is_repaired_by_the_next_periodic_sync_without_an_api_change(world: World, how: str) -> None:
+    daemon = world.start()
+    world.settle(daemon, 1)
+    wanted = copy.deepcopy(world.ipt.tables)
+    touched = _tamper(world, how)
+    transactions = len(world.ipt.transactions)
+    with capture_logs() as logs:
+        world.clock.advance(SYNC_PERIOD)  # nothing changed in the API: the periodic sync
+        world.settle(daemon, 2)
+    assert world.ipt.tables == wanted
+    [tampered] = [e for e in logs if e["event"] == "rules_tampered"]
+    for name in touched:
+        assert any(found.startswith(name) for found in tampered["repaired"]), (name, tampered["repaired"])
+    assert sample(daemon, "kproxy_rules_tampered_total", kind="chain") >= 1
+    # One transaction repaired it: only the drifted chains (and missing jumps) were written.
+    assert len(world.ipt.transactions) == transactions + 1 + (how == "flush-every-chain")  # + the canary's
+
+
+def test_changes_in_between_do_not_push_the_drift_check_past_a_sync_period(world: World) -> None:
+    daemon = world.start()
+    world.settle(daemon, 1)
+    world.ipt.tables["nat"][names.SERVICES] = []  # `iptables -t nat -F KPROXY-SERVICES`
+    world.clock.advance(SYNC_PERIOD / 2)
+    world.api.update("endpointslices", endpoint_slice(endpoints=[endpoint("10.0.1.11", "node-1")]))
+    world.settle(daemon, 2)  # partial, not verifying: the flush is still there
+    assert world.ipt.rules("nat", names.SERVICES) == []
+    with capture_logs() as logs:
+        world.clock.advance(SYNC_PERIOD / 2)  # a period after the last verifying sync, not after the last sync
+        world.settle(daemon, 3)
+    assert world.ipt.rules("nat", names.SERVICES)
+    assert any(e["event"] == "rules_tampered" for e in logs)
+
+
+def test_a_sync_with_nothing_to_write_writes_nothing(world: World) -> None:
+    daemon = world.start()
+    world.settle(daemon, 1)
+    transactions = len(world.ipt.transactions)
+    with capture_logs() as logs:
+        for n in (2, 3, 4):
+            world.clock.advance(SYNC_PERIOD)
+            world.settle(daemon, n)
+    assert len(world.ipt.transactions) == transactions
+    assert [line["written"] for line in sync_lines(logs)] == [0, 0, 0]
+    assert not any(e["event"] == "rules_tampered" for e in logs)
 
 
 def test_an_edited_config_file_ends_the_daemon_for_a_restart(world: World) -> None:
@@ -529,6 +668,31 @@ def test_ipvs_mode_programs_ipvs_and_reads_everything_back_once_per_sync_period(
     [periodic] = sync_lines(logs)
     assert (periodic["kind"], periodic["reason"], periodic["ipvs_writes"]) == ("full", "periodic", 1)
     assert world.ipvs.real_servers(VS) == {("10.0.1.10", 80): 1}
+    [tampered] = [e for e in logs if e["event"] == "rules_tampered"]
+    assert tampered["repaired"] == ["10.0.1.10:80 of TCP 172.30.0.41:80 deleted"]
+    assert sample(daemon, "kproxy_rules_tampered_total", kind="real_server") == 1
+
+
+def test_ipvs_mode_periodic_sync_repairs_only_what_drifted(world: World) -> None:
+    daemon = world.start("proxy-mode=ipvs")
+    world.settle(daemon, 1)
+    wanted, sets = copy.deepcopy(world.ipt.tables), dict(world.ipsets[IPFamily.V4].sets)
+    world.ipt.tables["nat"][names.SERVICES] = []  # `iptables -t nat -F KPROXY-SERVICES`
+    vips = next(n for n, s in sets.items() if pv.SET_CLUSTER_IP in n and s.entries)
+    world.ipsets[IPFamily.V4].sets[vips] = sets[vips]._replace(entries=frozenset())  # `ipset flush`
+    transactions = len(world.ipt.transactions)
+    with capture_logs() as logs:
+        world.clock.advance(SYNC_PERIOD)
+        world.settle(daemon, 2)
+    assert world.ipt.tables == wanted and world.ipsets[IPFamily.V4].sets == sets
+    [tampered] = [e for e in logs if e["event"] == "rules_tampered"]
+    assert tampered["repaired"] == [
+        f"{vips}: 1 entries missing, 0 foreign",
+        f"nat/{names.SERVICES} flushed: 0 rules, {len(wanted['nat'][names.SERVICES])} written",
+    ]
+    # The periodic full read rewrote the one flushed chain, not the whole ruleset.
+    assert len(world.ipt.transactions) == transactions + 1
+    assert world.ipt.transactions[-1].count(" - [0:0]") == 1
 
 
 def test_ipvs_mode_drains_a_removed_endpoint_then_deletes_it(world: World) -> None:

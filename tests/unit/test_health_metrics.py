@@ -17,13 +17,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from kproxy.daemon import local_ready_endpoints
-from kproxy.health import ProxyHealth, ServiceHealthServers, go_time, serve_health, service_health_body
+from kproxy.daemon.daemon import local_ready_endpoints
+from kproxy.daemon.health import ProxyHealth, ServiceHealthServers, go_time, serve_health, service_health_body
 from kproxy.httpd import REQUEST_TIMEOUT, HTTPServer
 from kproxy.metrics import NETWORK_PROGRAMMING_BUCKETS, SYNC_BUCKETS, ProxyMetrics
 from kproxy.metrics import serve as serve_metrics
 from kproxy.model import Endpoint, IPFamily, Node, Protocol, ServicePortName
-from kproxy.proxier.base import FamilyView
+from kproxy.view import FamilyView
 
 V4, V6 = IPFamily.V4, IPFamily.V6
 TIMEOUT = 60.0  # 2 x a 30 s sync period
@@ -285,6 +285,7 @@ def test_metrics_scraped_over_http_and_parsed(metrics: ProxyMetrics, servers: li
         "kubeproxy_proxy_healthz": "counter",
         "kubeproxy_proxy_livez": "counter",
         "kproxy_invalid_objects": "counter",
+        "kproxy_rules_tampered": "counter",
     }
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in fams.values() for s in f.samples}
     assert not any(name.endswith("_created") for name, _ in samples)  # as upstream: no _created series

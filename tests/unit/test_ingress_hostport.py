@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from kproxy.errors import ConfigError, InvalidObject
-from kproxy.ingress import hostport_rules as hr
-from kproxy.ingress.hostport import is_edge, pods_of_node
+from kproxy.hostport import rules as hr
+from kproxy.hostport.syncer import is_edge, pods_of_node
 from kproxy.ingress.selector import parse_selector
 from kproxy.model import IPFamily, Protocol
 

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from kproxy.backends.iptables import failing_context
 from kproxy.config import ProxyConfig
-from kproxy.proxier import iptables as ipt
+from kproxy.model import IPFamily
+from kproxy.proxier import names
+from kproxy.proxier.iptables import render as ipt
+from kproxy.proxier.iptables.proxier import IptablesProxier
+from kproxy.state import build_state
 from kproxy.testing.builders import endpoint, endpoint_slice, service
+from kproxy.testing.fakeiptables import FakeIptables
 from kproxy.testing.scenario import render_objects
+from kproxy.view import family_view
 
 CFG = ProxyConfig(node_name="node-1", cluster_cidrs=("10.0.0.0/8",))
 GOLDEN = Path(__file__).parent / "golden"
@@ -71,8 +78,8 @@ def test_one_endpoint_change_writes_one_svc_and_one_sep_chain() -> None:
 
 def test_partial_render_reuses_unchanged_services() -> None:
     before, ctx = render_objects(objects(), CFG)
-    from kproxy.proxier.base import family_view
     from kproxy.state import build_state
+    from kproxy.view import family_view
 
     objs = objects()
     objs[1] = endpoint_slice("svc0", endpoints=[endpoint("10.0.2.10")])
@@ -122,8 +129,8 @@ def test_golden_reference_layout() -> None:
 
 
 def test_changed_set_limits_what_is_rendered_again() -> None:
-    from kproxy.proxier.base import family_view
     from kproxy.state import build_state
+    from kproxy.view import family_view
 
     before, ctx = render_objects(objects(), CFG)
     objs = objects()
@@ -136,3 +143,33 @@ def test_changed_set_limits_what_is_rendered_again() -> None:
     after = ipt.render(view.ports, view.endpoints, ctx, previous=before, changed={names[0]})
     assert "10.0.2.99" in "".join(after.tables["nat"][c][-1] for c, _ in after.services[names[0]].nat_chains)
     assert after.services[names[1]] is before.services[names[1]]
+
+
+def test_turning_localhost_node_ports_off_removes_the_localnet_firewall_and_its_jumps() -> None:
+    # As a node restarted with --iptables-localhost-nodeports=false: a new proxier (nothing
+    # applied yet) meets the jumps to KPROXY-FIREWALL that the previous run left, and the kernel
+    # refuses to delete a chain that is still jumped to.
+    objs = [service(type="NodePort", node_port=30080), endpoint_slice(endpoints=[endpoint("10.0.2.10")])]
+    view = family_view(build_state(objs)[0], IPFamily.V4)
+    on = render_objects(objs, CFG)[1]
+    off = render_objects(objs, replace(CFG, localhost_nodeports=False))[1]
+    fake = FakeIptables()
+
+    def localnet_jumps() -> set[tuple[str, str]]:
+        return {j for j in fake.save().jumps["filter"] if j[1] == names.LOCALNET_FIREWALL}
+
+    IptablesProxier(fake).sync(view, on, full=True)  # type: ignore[arg-type]
+    assert localnet_jumps() == {("INPUT", names.LOCALNET_FIREWALL), ("OUTPUT", names.LOCALNET_FIREWALL)}
+    IptablesProxier(fake).sync(view, off, full=True)  # type: ignore[arg-type]
+    assert names.LOCALNET_FIREWALL not in fake.chains("filter") and localnet_jumps() == set()
+    IptablesProxier(fake).sync(view, on, full=True)  # type: ignore[arg-type]
+    assert len(localnet_jumps()) == 2
+
+
+def test_the_local_detector_is_data_rendered_by_the_mode() -> None:
+    from kproxy.node import DETECT_BRIDGE, DETECT_CLUSTER_CIDR, DETECT_PREFIX, LocalDetector
+
+    assert ipt.local_match(LocalDetector(DETECT_CLUSTER_CIDR, "10.0.0.0/8")) == "-s 10.0.0.0/8"
+    assert ipt.local_match(LocalDetector(DETECT_BRIDGE, "cbr0"), negate=True) == "! -i cbr0"
+    assert ipt.local_match(LocalDetector(DETECT_PREFIX, "veth")) == "-i veth+"
+    assert not any(callable(getattr(LocalDetector, n, None)) for n in ("if_local", "if_not_local"))

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from click.testing import CliRunner
 
-from kproxy.cli import main
+from kproxy.cli.main import main
 from kproxy.testing.builders import endpoint, endpoint_slice, node, service
 
 OBJECTS = [

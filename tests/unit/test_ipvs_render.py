@@ -2,7 +2,7 @@
 fakes.
 
 The flow table is tests/unit/test_iptables_flows.py's, case for case, traced through the IPVS
-mode's hooks (kproxy.testing.ipvs_tracer). Where the IPVS mode cannot give the iptables mode's
+mode's hooks (kproxy.proxier.ipvs.trace). Where the IPVS mode cannot give the iptables mode's
 result the case says so (`differs=`) and why; every other case expects exactly what the iptables
 mode expects. The test IP plan: node-1 192.168.0.2 with pods 10.0.1.0/24, node-2's pods
 10.0.2.0/24, cluster CIDR 10.0.0.0/8, outside clients 203.0.113.0/24, LB IPs 198.51.100.0/24.
@@ -17,11 +17,12 @@ import pytest
 from kproxy.config import SCHEDULERS, IpvsConfig, ProxyConfig, validate, validate_ipvs_config
 from kproxy.errors import BackendError, ConfigError
 from kproxy.model import IPFamily, Protocol
-from kproxy.proxier import ipvs as pv
+from kproxy.node import NodeContext
 from kproxy.proxier import names
-from kproxy.proxier.base import family_view, node_context
-from kproxy.proxier.context import NodeContext
-from kproxy.proxier.ipvs_proxier import IpvsProxier, without_addresses
+from kproxy.proxier.iptables.trace import UNTOUCHED
+from kproxy.proxier.ipvs import plan as pvp
+from kproxy.proxier.ipvs import render as pv
+from kproxy.proxier.ipvs.proxier import IpvsProxier, without_addresses
 from kproxy.state import build_state
 from kproxy.testing.builders import endpoint, endpoint_slice, node, service
 from kproxy.testing.fakeiptables import FakeIptables
@@ -43,7 +44,7 @@ from kproxy.testing.flows import (
 )
 from kproxy.testing.ipvs_fakes import FakeDummy, FakeIpset, FakeIpvs
 from kproxy.testing.ipvs_scenario import ipvs_tracer_for, render_ipvs_objects
-from kproxy.testing.tracer import UNTOUCHED
+from kproxy.view import family_view, node_context
 
 CIP = "172.30.0.41"
 LOCAL_ONLY = {f"{LOCAL_POD}:80"}
@@ -324,14 +325,14 @@ def _vsv(ip: str, *rss: tuple[str, int], port: int = 80, proto: Protocol = TCP, 
     return pv.VirtualServer(proto, ip, port, real_servers=tuple(pv.RealServer(i, p) for i, p in rss), **kw)
 
 
-def _ks(vs: pv.VirtualServer, *dests: pv.KernelDest, scheduler: str = "rr", flags: int = 2) -> pv.KernelService:
-    return pv.KernelService(vs.protocol, vs.ip, vs.port, scheduler, flags, vs.timeout, tuple(dests))
+def _ks(vs: pv.VirtualServer, *dests: pvp.KernelDest, scheduler: str = "rr", flags: int = 2) -> pvp.KernelService:
+    return pvp.KernelService(vs.protocol, vs.ip, vs.port, scheduler, flags, vs.timeout, tuple(dests))
 
 
 def test_ipvs_plan_writes_only_the_difference() -> None:
     want = _vsv(CIP, ("10.0.1.10", 80), ("10.0.2.11", 80))
-    have = _ks(want, pv.KernelDest("10.0.1.10", 80, 1), pv.KernelDest("10.0.2.10", 80, 1))
-    plan = pv.ipvs_plan({want.key: want}, {want.key: have}, [want.key])
+    have = _ks(want, pvp.KernelDest("10.0.1.10", 80, 1), pvp.KernelDest("10.0.2.10", 80, 1))
+    plan = pvp.ipvs_plan({want.key: want}, {want.key: have}, [want.key])
     assert [str(o) for o in plan.ops] == [
         f"add_dest TCP {CIP}:80 -> 10.0.2.11:80 weight 1",
         f"delete_dest TCP {CIP}:80 -> 10.0.2.10:80 weight 0",
@@ -342,22 +343,22 @@ def test_ipvs_plan_graceful_termination() -> None:
     tcp = _vsv(CIP, ("10.0.1.10", 80))
     udp = _vsv(CIP, ("10.0.1.10", 53), port=53, proto=Protocol.UDP)
     current = {
-        tcp.key: _ks(tcp, pv.KernelDest("10.0.1.10", 80, 1), pv.KernelDest("10.0.2.10", 80, 1, active=1)),
-        udp.key: _ks(udp, pv.KernelDest("10.0.1.10", 53, 1), pv.KernelDest("10.0.2.10", 53, 1, inactive=3)),
+        tcp.key: _ks(tcp, pvp.KernelDest("10.0.1.10", 80, 1), pvp.KernelDest("10.0.2.10", 80, 1, active=1)),
+        udp.key: _ks(udp, pvp.KernelDest("10.0.1.10", 53, 1), pvp.KernelDest("10.0.2.10", 53, 1, inactive=3)),
     }
-    plan = pv.ipvs_plan({tcp.key: tcp, udp.key: udp}, current, list(current))
+    plan = pvp.ipvs_plan({tcp.key: tcp, udp.key: udp}, current, list(current))
     assert [str(o) for o in plan.ops] == [
         f"update_dest TCP {CIP}:80 -> 10.0.2.10:80 weight 0",
         f"delete_dest UDP {CIP}:53 -> 10.0.2.10:53 weight 0",
     ]
     assert plan.draining == ((tcp.key, ("10.0.2.10", 80)),)
     # Still draining at weight 0: nothing written. Drained: deleted. Wanted again: weight 1.
-    current[tcp.key] = _ks(tcp, pv.KernelDest("10.0.1.10", 80, 1), pv.KernelDest("10.0.2.10", 80, 0, inactive=1))
-    assert pv.ipvs_plan({tcp.key: tcp}, {tcp.key: current[tcp.key]}, [tcp.key]).ops == ()
-    current[tcp.key] = _ks(tcp, pv.KernelDest("10.0.1.10", 80, 1), pv.KernelDest("10.0.2.10", 80, 0))
-    assert [o.op for o in pv.ipvs_plan({tcp.key: tcp}, current, [tcp.key]).ops] == ["delete_dest"]
+    current[tcp.key] = _ks(tcp, pvp.KernelDest("10.0.1.10", 80, 1), pvp.KernelDest("10.0.2.10", 80, 0, inactive=1))
+    assert pvp.ipvs_plan({tcp.key: tcp}, {tcp.key: current[tcp.key]}, [tcp.key]).ops == ()
+    current[tcp.key] = _ks(tcp, pvp.KernelDest("10.0.1.10", 80, 1), pvp.KernelDest("10.0.2.10", 80, 0))
+    assert [o.op for o in pvp.ipvs_plan({tcp.key: tcp}, current, [tcp.key]).ops] == ["delete_dest"]
     back = _vsv(CIP, ("10.0.1.10", 80), ("10.0.2.10", 80))
-    ops = pv.ipvs_plan({tcp.key: back}, {tcp.key: current[tcp.key]}, [tcp.key]).ops
+    ops = pvp.ipvs_plan({tcp.key: back}, {tcp.key: current[tcp.key]}, [tcp.key]).ops
     assert [str(o) for o in ops] == [f"update_dest TCP {CIP}:80 -> 10.0.2.10:80 weight 1"]
 
 
@@ -367,11 +368,11 @@ def test_ipvs_plan_services_added_changed_and_removed() -> None:
     gone = _vsv("172.30.0.43")
     theirs = _vsv("10.96.0.1", port=443)
     current = {
-        keep.key: _ks(keep, pv.KernelDest("10.0.1.10", 80, 1), flags=2),  # not persistent yet
+        keep.key: _ks(keep, pvp.KernelDest("10.0.1.10", 80, 1), flags=2),  # not persistent yet
         gone.key: _ks(gone),
         theirs.key: _ks(theirs),
     }
-    plan = pv.ipvs_plan({keep.key: keep, new.key: new}, current, [keep.key, gone.key])
+    plan = pvp.ipvs_plan({keep.key: keep, new.key: new}, current, [keep.key, gone.key])
     assert [str(o) for o in plan.early] == [
         f"update_service TCP {CIP}:80",
         "add_service TCP 172.30.0.42:80",
@@ -382,13 +383,13 @@ def test_ipvs_plan_services_added_changed_and_removed() -> None:
 
 def test_ipvs_plan_leaves_unread_dests_alone() -> None:
     want = _vsv(CIP, ("10.0.1.10", 80))
-    have = pv.KernelService(TCP, CIP, 80, "rr", 2, 0, None)
-    assert pv.ipvs_plan({want.key: want}, {want.key: have}, [want.key]).ops == ()
+    have = pvp.KernelService(TCP, CIP, 80, "rr", 2, 0, None)
+    assert pvp.ipvs_plan({want.key: want}, {want.key: have}, [want.key]).ops == ()
 
 
-def _kset(s: pv.IpSet, entries: set[str], maxelem: int | None = None) -> pv.KernelSet:
+def _kset(s: pv.IpSet, entries: set[str], maxelem: int | None = None) -> pvp.KernelSet:
     fam = "" if s.type.startswith("bitmap") else "inet"
-    return pv.KernelSet(s.name, s.type, fam, maxelem or s.maxelem, frozenset(entries))
+    return pvp.KernelSet(s.name, s.type, fam, maxelem or s.maxelem, frozenset(entries))
 
 
 def test_ipset_plan_in_place_swap_and_destroy() -> None:
@@ -398,10 +399,10 @@ def test_ipset_plan_in_place_swap_and_destroy() -> None:
     existing = {
         want.name: _kset(want, (many - {"10.0.0.1,tcp:80"}) | {"10.0.9.9,tcp:80"}),
         loop.name: _kset(loop, set(), maxelem=1024),
-        "KPROXY-OLD": pv.KernelSet("KPROXY-OLD", "hash:ip", "inet", 65536, frozenset()),
-        "KPROXY-6-LOOP-BACK": pv.KernelSet("KPROXY-6-LOOP-BACK", "hash:ip,port,ip", "inet6", 65536, frozenset()),
+        "KPROXY-OLD": pvp.KernelSet("KPROXY-OLD", "hash:ip", "inet", 65536, frozenset()),
+        "KPROXY-6-LOOP-BACK": pvp.KernelSet("KPROXY-6-LOOP-BACK", "hash:ip,port,ip", "inet6", 65536, frozenset()),
     }
-    plan = pv.ipset_plan({want.name: want, loop.name: loop}, existing, IPFamily.V4)
+    plan = pvp.ipset_plan({want.name: want, loop.name: loop}, existing, IPFamily.V4)
     tmp = pv.tmp_set_name(loop.name, IPFamily.V4)
     assert plan.text.splitlines() == [
         "add KPROXY-CLUSTER-IP 10.0.0.1,tcp:80",
@@ -413,14 +414,16 @@ def test_ipset_plan_in_place_swap_and_destroy() -> None:
     ]
     assert plan.destroy == ("KPROXY-OLD",), "the IPv6 proxier's sets are not ours"
     assert plan.rebuilt == ("KPROXY-LOOP-BACK",)
-    assert pv.ipset_plan({want.name: want}, {want.name: _kset(want, set(many))}, IPFamily.V4).empty
+    assert pvp.ipset_plan({want.name: want}, {want.name: _kset(want, set(many))}, IPFamily.V4).empty
 
 
 def test_ipset_plan_refuses_a_set_of_another_type() -> None:
     want = pv.IpSet("KPROXY-IPVS-IPS", "hash:ip", IPFamily.V4, frozenset())
     with pytest.raises(ValueError, match="cleanup"):
-        pv.ipset_plan(
-            {want.name: want}, {want.name: pv.KernelSet(want.name, "hash:net", "inet", 65536, frozenset())}, IPFamily.V4
+        pvp.ipset_plan(
+            {want.name: want},
+            {want.name: pvp.KernelSet(want.name, "hash:net", "inet", 65536, frozenset())},
+            IPFamily.V4,
         )
 
 
@@ -631,38 +634,6 @@ def test_dry_run_touches_nothing(rig) -> None:  # type: ignore[no-untyped-def]
     assert not rig["ipvs"].table and not rig["ipset"].sets and not rig["device"].present and not rig["sysctls"]
 
 
-class _Conntrack:
-    def __init__(self) -> None:
-        self.lists = 0
-
-    def list(self) -> list:  # type: ignore[type-arg]
-        self.lists += 1
-        return []
-
-    def delete(self, flows: list) -> int:  # type: ignore[type-arg]
-        return 0
-
-
-def test_conntrack_is_read_only_after_a_udp_change(rig) -> None:  # type: ignore[no-untyped-def]
-    p = _proxier(rig)
-    ct = p.conntrack = _Conntrack()  # type: ignore[assignment]
-
-    def objs(*e: dict) -> list[dict]:
-        return [
-            *_np(*both_endpoints()),
-            service(name="dns", cluster_ip="172.30.0.53", protocol="UDP", port=53),
-            endpoint_slice("dns", endpoints=list(e), protocol="UDP", port=53, port_name="p53"),
-        ]
-
-    p.sync(*_inputs(objs(endpoint(LOCAL_POD, "node-1"))))
-    assert ct.lists == 1, "a full sync cleans up"
-    p.sync(*_inputs(objs(endpoint(LOCAL_POD, "node-1"))))
-    p.sync(*_inputs([*objs(endpoint(LOCAL_POD, "node-1")), service(name="web", cluster_ip="172.30.0.44")]))
-    assert ct.lists == 1, "no UDP Service port changed"
-    p.sync(*_inputs(objs(endpoint(REMOTE_POD))))
-    assert ct.lists == 2
-
-
 def test_unchanged_sets_are_not_read_back_on_a_partial_sync(rig) -> None:  # type: ignore[no-untyped-def]
     p = _proxier(rig)
     reads = []
@@ -676,18 +647,18 @@ def test_unchanged_sets_are_not_read_back_on_a_partial_sync(rig) -> None:  # typ
 
 
 def test_switching_modes_both_ways_in_one_namespace(rig) -> None:  # type: ignore[no-untyped-def]
-    from kproxy.proxier.iptables_proxier import IptablesProxier
+    from kproxy.proxier.iptables.proxier import IptablesProxier
 
     objs = [*_np(*both_endpoints()), service(name="lb", cluster_ip="172.30.0.42", type="LoadBalancer",
             lb_ips=[LB_IP], node_port=30081, etp="Local", source_ranges=["203.0.113.0/25"]),
             endpoint_slice("lb", endpoints=both_endpoints())]  # fmt: skip
-    ipt_mode = IptablesProxier(rig["iptables"], None)  # type: ignore[arg-type]
+    ipt_mode = IptablesProxier(rig["iptables"])  # type: ignore[arg-type]
     ipt_mode.sync(*_inputs(objs))
     _proxier(rig).sync(*_inputs(objs))  # the iptables mode's chains and jumps are cleared away
     assert not any(c.startswith(("KPROXY-SVC-", "KPROXY-SEP-")) for c in rig["iptables"].tables["nat"])
     assert ("INPUT", names.EXTERNAL_SERVICES) not in _jumps(rig["iptables"], "filter")
     # And back: the iptables mode meets no jump of ours to a chain it deletes.
-    IptablesProxier(rig["iptables"], None).sync(*_inputs(objs))  # type: ignore[arg-type]
+    IptablesProxier(rig["iptables"]).sync(*_inputs(objs))  # type: ignore[arg-type]
     assert any(c.startswith("KPROXY-SEP-") for c in rig["iptables"].tables["nat"])
 
 

@@ -360,6 +360,27 @@ def test_failing_list_is_retried_with_backoff(api: FakeAPIServer, start: Start) 
     assert recorder.wait_calls(2) == [("add", "default/a"), ("synced", "")]
 
 
+def test_success_resets_the_backoff(api: FakeAPIServer, start: Start) -> None:
+    api.create("services", service("a"))
+    api.fail_next("services", 3, status=500)
+    backoff = RecordingBackoff(initial=0.01, cap=0.03)
+    reflector = start(backoff=backoff)
+    synced(reflector, api)
+    assert backoff.delays == [0.01, 0.02, 0.03]
+    # The list succeeded: the next outage backs off from the start again, not from the cap.
+    api.fail_next("services", 2, status=503, verb="watch")
+    api.expire_history()  # the open watch ends (410) and the relist's watch meets the failures
+    assert backoff.wait_retries(6)
+    # One delay guards the relist (410 straight after a list); the relist resets it again.
+    assert backoff.delays[3:] == [0.01, 0.01, 0.02]
+
+
+def test_the_default_backoff_brings_a_reflector_back_within_five_seconds() -> None:
+    worst = Backoff(rand=lambda: 1.0)
+    delays = [worst.next_delay() for _ in range(20)]
+    assert max(delays) == 5.0
+
+
 def test_backoff_jitter_and_reset() -> None:
     draws = iter([0.0, 1.0, 0.5])
     backoff = Backoff(0.5, 30.0, jitter=0.5, rand=lambda: next(draws))

@@ -133,6 +133,27 @@ def test_periodic_run_without_requests(
     assert work.times == [100.0, 100.0 + MAX, 100.0 + 2 * MAX]
 
 
+def test_a_deadline_brings_a_run_before_the_period_that_requests_keep_pushing_back(
+    make: Callable[..., tuple[BoundedFrequencyRunner, Work]], clock: FakeClock
+) -> None:
+    runner, work = make()
+    runner.start()
+    runner.run()
+    assert runner.wait_runs(1, DEADLINE)
+    runner.run_by(100.0 + MAX)  # due a period after the first run started
+    clock.advance(MAX / 2)
+    runner.run()  # a requested run half-way: the periodic run would now wait a period after it
+    assert runner.wait_runs(2, DEADLINE)
+    runner.run_by(100.0 + MAX)  # that run met the deadline; the daemon sets it again after each
+    clock.advance(MAX / 2)
+    assert runner.wait_runs(3, DEADLINE)
+    assert work.times == [100.0, 100.0 + MAX / 2, 100.0 + MAX]
+    settle(clock)
+    clock.advance(MAX - 0.1)  # met: no deadline left, the period counts from the last run again
+    settle(clock)
+    assert runner.runs == 3
+
+
 def test_failures_retry_with_doubling_backoff_capped_at_the_period(
     make: Callable[..., tuple[BoundedFrequencyRunner, Work]], clock: FakeClock
 ) -> None:

@@ -12,10 +12,10 @@ from structlog.testing import capture_logs
 
 from kproxy.metrics import ProxyMetrics
 from kproxy.model import IPFamily
-from kproxy.proxier.base import family_view
 from kproxy.state import build_state
 from kproxy.testing.builders import endpoint, endpoint_slice, node, service
 from kproxy.tracker import ChangeTrackers
+from kproxy.view import family_view
 from kproxy.views import IncrementalView
 
 SVC = ("ns1", "svc1")

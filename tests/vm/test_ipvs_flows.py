@@ -2,7 +2,7 @@
 scenarios (tests/kernel/test_iptables_kernel.py), graceful termination with a live connection,
 and a sync that changes one endpoint writing one real server.
 
-Node-1 of a namespace lab (kproxy.lab: 2 nodes x 2 pods, 1 client) runs the IPVS proxier
+Node-1 of a namespace lab (kproxy.lab.namespaces: 2 nodes x 2 pods, 1 client) runs the IPVS proxier
 in-process, on one worker thread that lives in node-1's namespace (pyroute2 sockets belong to
 the thread and namespace that open them; ipset/iptables/conntrack children inherit both). A
 Python process costs about a minute to start in this VM, so no test runs `kproxy` as a command:
@@ -30,9 +30,9 @@ import pytest
 import yaml
 
 from kproxy.config import IpvsConfig, ProxyConfig, validate
-from kproxy.lab import NETNS_DIR, Lab
+from kproxy.lab.namespaces import NETNS_DIR, Lab
 from kproxy.model import IPFamily, Protocol
-from kproxy.proxier import ipvs as pv
+from kproxy.proxier.ipvs import render as pv
 from kproxy.testing.builders import endpoint, endpoint_slice, node, service
 from kproxy.testing.linesrv import LineServer, line_client, read_line
 from kproxy.testing.netns import (
@@ -130,7 +130,7 @@ class Node:
         return self._pool.submit(fn).result()
 
     def proxier(self, family: IPFamily) -> Any:
-        from kproxy.ipvs_mode import make_proxier
+        from kproxy.proxier.ipvs.mode import make_proxier
 
         if family not in self.proxiers:
             self.proxiers[family] = self.run(lambda: make_proxier(family, IPVS_CFG, "nft"))
@@ -139,9 +139,11 @@ class Node:
     def sync(
         self, objects: list[dict[str, Any]], cfg: ProxyConfig = BASE, families: tuple[IPFamily, ...] = (IPFamily.V4,)
     ) -> list[Any]:
+        from kproxy.backends.conntrack import Conntrack
         from kproxy.backends.host import local_addresses
-        from kproxy.proxier.base import family_view, node_context
+        from kproxy.conntrack import clean_stale_udp
         from kproxy.state import build_state
+        from kproxy.view import family_view, node_context
 
         state, rejected = build_state(objects)
         assert not rejected, rejected
@@ -153,7 +155,11 @@ class Node:
                 bound = p.device.addresses(fam)
                 host = tuple(a for a in local_addresses(fam) if a not in bound)
                 ctx = node_context(cfg, fam, state.nodes.get(cfg.node_name), host)
-                out.append(p.sync(family_view(state, fam), ctx))
+                view = family_view(state, fam)
+                result = p.sync(view, ctx)
+                # As `kproxy sync` does after its sync: stale UDP flows are the caller's to delete.
+                result.conntrack_deleted = clean_stale_udp(Conntrack(fam), view, ctx)
+                out.append(result)
             return out
 
         self._last = None
@@ -483,7 +489,7 @@ def test_udp_client_moves_off_a_removed_endpoint(world: Node) -> None:
 def _cli(world: Node, *args: str) -> Any:
     from click.testing import CliRunner
 
-    from kproxy.cli import main
+    from kproxy.cli.main import main
 
     return world.run(lambda: CliRunner().invoke(main, list(args), catch_exceptions=False))
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kproxy.lab import Lab
+from kproxy.lab.namespaces import Lab
 from kproxy.testing.builders import endpoint, endpoint_slice, node, service
 from kproxy.testing.daemon_process import KPROXY, DaemonEnv, KproxyProcess
 from kproxy.testing.fakeapi import FakeAPIServer

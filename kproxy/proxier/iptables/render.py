@@ -10,6 +10,9 @@ Two things differ on purpose, both to write less at scale (DESIGN.md section 6):
   previous value of every Service whose objects did not change.
 - The plan writes a chain only when its rules differ from what was last applied, so one
   endpoint change rewrites one SVC chain and one SEP chain, not the top-level dispatch chains.
+
+Why one module of ~610 lines: the render and its plan are one contract (chain names, the rules
+of each chain, what a partial render may reuse) that the tracer and the IPVS mode import whole.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from kproxy.model import Endpoint, ServicePort, ServicePortName
+from kproxy.node import LocalDetector, NodeContext
 from kproxy.proxier import names
-from kproxy.proxier.context import NodeContext
+from kproxy.proxier.fixed_chains import FORWARD_JUMP, LOCALNET_JUMPS, POSTROUTING_JUMP, fixed_chains, localnet_guard
 from kproxy.topology import categorize
+from kproxy.view import Repair
 
 # Above this many endpoints per-endpoint comments are left out (~40% less restore input), as
 # upstream's large-cluster mode.
@@ -53,18 +58,13 @@ JUMPS: tuple[tuple[str, str, str, str, str], ...] = (
     (FILTER, "INPUT", "", names.NODEPORTS, "kproxy health check service ports"),
     (FILTER, "FORWARD", "-m conntrack --ctstate NEW", names.SERVICES, "kproxy service portals"),
     (FILTER, "OUTPUT", "-m conntrack --ctstate NEW", names.SERVICES, "kproxy service portals"),
-    (FILTER, "FORWARD", "", names.FORWARD, "kproxy forwarding rules"),
+    FORWARD_JUMP,
     (FILTER, "INPUT", "-m conntrack --ctstate NEW", names.PROXY_FIREWALL, "kproxy load balancer firewall"),
     (FILTER, "OUTPUT", "-m conntrack --ctstate NEW", names.PROXY_FIREWALL, "kproxy load balancer firewall"),
     (FILTER, "FORWARD", "-m conntrack --ctstate NEW", names.PROXY_FIREWALL, "kproxy load balancer firewall"),
     (NAT, "OUTPUT", "", names.SERVICES, "kproxy service portals"),
     (NAT, "PREROUTING", "", names.SERVICES, "kproxy service portals"),
-    (NAT, "POSTROUTING", "", names.POSTROUTING, "kproxy postrouting rules"),
-)
-# IPv4 with localhost NodePorts only: the route_localnet guard (CVE-2020-8558).
-LOCALNET_JUMPS: tuple[tuple[str, str, str, str, str], ...] = (
-    (FILTER, "INPUT", "", names.LOCALNET_FIREWALL, "kproxy localnet firewall"),
-    (FILTER, "OUTPUT", "", names.LOCALNET_FIREWALL, "kproxy localnet firewall"),
+    POSTROUTING_JUMP,
 )
 
 Chains = dict[str, tuple[str, ...]]
@@ -102,6 +102,17 @@ class Ruleset:
     @property
     def rule_count(self) -> dict[str, int]:
         return {t: sum(len(r) for r in chains.values()) for t, chains in self.tables.items()}
+
+
+def local_match(detector: LocalDetector, negate: bool = False) -> str:
+    """The iptables match for traffic the detector calls local (a pod's), both modes' syntax."""
+    if detector.is_cidr:
+        match = f"-s {detector.value}"
+    elif detector.is_bridge:
+        match = f"-i {detector.value}"
+    else:
+        match = f"-i {detector.value}+"  # an interface-name prefix
+    return f"! {match}" if negate else match
 
 
 def jump_rule(builtin: str, match: str, target: str, comment: str) -> str:
@@ -175,7 +186,7 @@ def _render(
 
     return Ruleset(
         tables=_assemble(services, ctx),
-        jumps=JUMPS + (LOCALNET_JUMPS if _localnet_guard(ctx) else ()),
+        jumps=JUMPS + (LOCALNET_JUMPS if localnet_guard(ctx) else ()),
         services=services,
         ctx=ctx,
         inputs=inputs,
@@ -186,14 +197,10 @@ def _large_flag(rs: Ruleset) -> bool:
     return sum(len(eps) for _, eps in rs.inputs.values()) > LARGE_CLUSTER_ENDPOINTS
 
 
-def _localnet_guard(ctx: NodeContext) -> bool:
-    return ctx.family == 4 and ctx.localhost_nodeports
-
-
 def render_service(svc: ServicePort, eps: tuple[Endpoint, ...], ctx: NodeContext, large: bool) -> ServiceRules:
     spn = svc.name
     spn_s = str(spn)
-    proto = svc.protocol.lower
+    proto = svc.protocol.lowercase
     p = f"-m {proto} -p {proto}"
     sets = categorize(eps, svc, ctx.node_name, ctx.zone)
     has_any = sets.has_any
@@ -297,7 +304,9 @@ def render_service(svc: ServicePort, eps: tuple[Endpoint, ...], ctx: NodeContext
         elif detector.implemented:
             # Off-cluster traffic to a VIP may be routed back out to another node: masquerade
             # it so the reply comes back through us.
-            internal_head.append(f"-A {internal_chain} {cluster_match} {detector.if_not_local()} -j {names.MARK_MASQ}")
+            internal_head.append(
+                f"-A {internal_chain} {cluster_match} {local_match(detector, negate=True)} -j {names.MARK_MASQ}"
+            )
 
     if uses_ext_chain:
         rules: list[str] = []
@@ -310,7 +319,7 @@ def render_service(svc: ServicePort, eps: tuple[Endpoint, ...], ctx: NodeContext
                 # Pods reaching an external address behave as if they went out to the LB and back.
                 rules.append(
                     f'-A {ext_chain} -m comment --comment "pod traffic for {spn_s} external destinations" '
-                    f"{detector.if_local()} -j {svc_chain}"
+                    f"{local_match(detector)} -j {svc_chain}"
                 )
             rules.append(
                 f'-A {ext_chain} -m comment --comment "masquerade LOCAL traffic for {spn_s} external destinations" '
@@ -325,11 +334,11 @@ def render_service(svc: ServicePort, eps: tuple[Endpoint, ...], ctx: NodeContext
         chains.append((ext_chain, tuple(rules)))
 
     if uses_fw_chain:
-        head = f'-A {fw_chain} -m comment --comment "{spn_s} loadbalancer IP"'
-        rules = [f"{head} -s {cidr} -j {ext_chain}" for cidr in svc.lb_source_ranges]
+        fw_head = f'-A {fw_chain} -m comment --comment "{spn_s} loadbalancer IP"'
+        rules = [f"{fw_head} -s {cidr} -j {ext_chain}" for cidr in svc.lb_source_ranges]
         if ctx.node_ip and any(_cidr_contains(cidr, ctx.node_ip) for cidr in svc.lb_source_ranges):
             # A node reaching an LB IP bound locally arrives with the LB IP as source.
-            rules.extend(f"{head} -s {ip} -j {ext_chain}" for ip in svc.lb_ips)
+            rules.extend(f"{fw_head} -s {ip} -j {ext_chain}" for ip in svc.lb_ips)
         rules.append(
             f'-A {fw_chain} -m comment --comment "other traffic to {spn_s} will be dropped by {names.PROXY_FIREWALL}"'
         )
@@ -417,37 +426,20 @@ def _assemble(services: Mapping[ServicePortName, ServiceRules], ctx: NodeContext
         nat.update(rules.nat_chains)
 
     nat_services.extend(_nodeport_dispatch(ctx))
-    mark = f"{ctx.mark}/{ctx.mark}"
     nat[names.SERVICES] = tuple(nat_services)
     nat[names.NODEPORTS] = tuple(nat_nodeports)
-    nat[names.POSTROUTING] = (
-        f"-A {names.POSTROUTING} -m mark ! --mark {mark} -j RETURN",
-        # Clear the mark so a packet that traverses the stack again is not masqueraded twice.
-        f"-A {names.POSTROUTING} -j MARK --xor-mark {ctx.mark}",
-        f'-A {names.POSTROUTING} -m comment --comment "kproxy service traffic requiring SNAT" -j MASQUERADE --random-fully',
-    )
-    nat[names.MARK_MASQ] = (f"-A {names.MARK_MASQ} -j MARK --or-mark {ctx.mark}",)
-
-    forward = []
-    if not ctx.conntrack_tcp_liberal:
-        # An INVALID packet that slips past conntrack would reach the pod un-NATed and draw a RST.
-        forward.append(f"-A {names.FORWARD} -m conntrack --ctstate INVALID -j DROP")
-    forward.append(f'-A {names.FORWARD} -m comment --comment "kproxy forwarding rules" -m mark --mark {mark} -j ACCEPT')
-    forward.append(
-        f'-A {names.FORWARD} -m comment --comment "kproxy forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT'
-    )
+    # Masquerade, forwarding and the localnet guard: the same chains as the IPVS mode's. Hairpin
+    # traffic is marked in each SEP chain, so KPROXY-POSTROUTING has no rule of this mode's own.
+    fixed = fixed_chains(ctx)
+    nat.update(fixed.nat)
     filt: Chains = {
         names.SERVICES: tuple(f_services),
         names.EXTERNAL_SERVICES: tuple(f_external),
         names.NODEPORTS: tuple(f_nodeports),
-        names.FORWARD: tuple(forward),
+        names.FORWARD: fixed.forward,
         names.PROXY_FIREWALL: tuple(f_firewall),
+        **fixed.localnet,
     }
-    if _localnet_guard(ctx):
-        filt[names.LOCALNET_FIREWALL] = (
-            f'-A {names.LOCALNET_FIREWALL} -m comment --comment "block incoming localnet connections" '
-            "-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
-        )
     return {FILTER: filt, NAT: nat}
 
 
@@ -495,7 +487,7 @@ def _service_chain(table: str, name: str) -> bool:
 
 def plan(
     desired: Ruleset,
-    applied: Mapping[str, Chains] | None,
+    applied: Mapping[str, Mapping[str, tuple[str, ...]]] | None,
     existing_chains: Mapping[str, set[str]] | None,
     existing_jumps: Mapping[str, set[tuple[str, str]]] | None,
     *,
@@ -555,6 +547,46 @@ def plan(
         written={t: len(c) for t, c in write.items()},
         deleted={t: len(c) for t, c in delete.items()},
     )
+
+
+def drift(
+    applied: Mapping[str, Mapping[str, tuple[str, ...]]],
+    chains: Mapping[str, set[str]],
+    rule_counts: Mapping[str, Mapping[str, int]],
+    jumps: Iterable[tuple[str, str, str]],
+    present_jumps: Mapping[str, set[tuple[str, str]]],
+) -> tuple[dict[str, set[str]], tuple[Repair, ...]]:
+    """What someone else changed since `applied` was written, from one `iptables-save` listing.
+
+    A chain we wrote whose rule count differs from what we wrote (flushed, a rule deleted, a
+    foreign rule added), a chain we wrote that is gone, and a jump from a built-in chain
+    (`jumps`: table, built-in, target) that is gone. Rule text is never compared (iptables
+    normalises it); a count is what tells. Returns the chains to rewrite although their rules
+    did not change (per table), and the findings. A plan repairs missing chains and jumps on
+    its own once it is given the listing.
+    """
+    rewrite: dict[str, set[str]] = {}
+    found: list[Repair] = []
+    for table, written in applied.items():
+        have, counts = chains.get(table, set()), rule_counts.get(table, {})
+        for chain in sorted(written):
+            want = len(written[chain])
+            if chain not in have:
+                found.append(Repair("chain", f"{table}/{chain} deleted"))
+            elif counts.get(chain, 0) != want:
+                rewrite.setdefault(table, set()).add(chain)
+                got = counts.get(chain, 0)
+                state = "flushed" if got == 0 else "altered"
+                found.append(Repair("chain", f"{table}/{chain} {state}: {got} rules, {want} written"))
+    for table, builtin, target in sorted(set(jumps)):
+        if table in applied and (builtin, target) not in present_jumps.get(table, set()):
+            found.append(Repair("jump", f"{table}/{builtin} jump to {target} missing"))
+    return rewrite, tuple(found)
+
+
+def without(applied: Mapping[str, Chains], chains: Mapping[str, set[str]]) -> dict[str, Chains]:
+    """`applied` less `chains`, so that a plan writes those again."""
+    return {t: {c: r for c, r in written.items() if c not in chains.get(t, ())} for t, written in applied.items()}
 
 
 TABLE_ORDER = ("mangle", FILTER, NAT)

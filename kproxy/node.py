@@ -19,7 +19,8 @@ DETECT_MODES = (DETECT_CLUSTER_CIDR, DETECT_NODE_CIDR, DETECT_BRIDGE, DETECT_PRE
 
 @dataclass(frozen=True, slots=True)
 class LocalDetector:
-    """Tells pod traffic from the rest, as upstream's LocalTrafficDetector.
+    """Tells pod traffic from the rest, as upstream's LocalTrafficDetector: data only (a CIDR,
+    a bridge or an interface-name prefix); each mode renders it into its own syntax.
 
     `mode` is empty when the configured mode cannot be satisfied (no cluster CIDR of this
     family, say): then nothing is known to be local, exactly as upstream's no-op detector.
@@ -36,15 +37,9 @@ class LocalDetector:
     def is_cidr(self) -> bool:
         return self.mode in (DETECT_CLUSTER_CIDR, DETECT_NODE_CIDR)
 
-    def if_local(self) -> str:
-        if self.is_cidr:
-            return f"-s {self.value}"
-        if self.mode == DETECT_BRIDGE:
-            return f"-i {self.value}"
-        return f"-i {self.value}+"
-
-    def if_not_local(self) -> str:
-        return "! " + self.if_local()
+    @property
+    def is_bridge(self) -> bool:
+        return self.mode == DETECT_BRIDGE
 
 
 @dataclass(frozen=True, slots=True)

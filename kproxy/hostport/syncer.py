@@ -34,7 +34,7 @@ from kproxy.backends.iptables import Iptables, detect_variant
 from kproxy.backends.netdev import addresses_by_device, output_device
 from kproxy.errors import BackendError, InvalidObject
 from kproxy.families import kernel_families
-from kproxy.ingress import hostport_rules as hr
+from kproxy.hostport import rules as hr
 from kproxy.ingress.events import Problem, Recorder
 from kproxy.ingress.metrics import HostPortMetrics
 from kproxy.ingress.selector import LabelSelector

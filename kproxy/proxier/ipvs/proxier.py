@@ -14,8 +14,8 @@ What a sync guarantees:
 - Graceful termination, as upstream: a TCP real server leaving a VS gets weight 0 and is deleted
   once its ActiveConn + InActConn reach 0, checked by later syncs and by `drain()` (cheap: only
   the draining VSs are read); UDP and SCTP real servers go at once.
-- Stale UDP conntrack flows are deleted as in the iptables mode (kproxy/conntrack.py), after a
-  sync that changed a UDP Service port (or a full one).
+- Stale UDP conntrack flows are not the proxier's: the command or the daemon deletes them after
+  the sync, as in the iptables mode (kproxy/conntrack.py, `clean_stale_udp`).
 - Any backend failure forgets what was applied, so the next sync is full, and is raised.
 
 The backends are used from the calling thread only (pyroute2: one socket per thread, opened in
@@ -30,19 +30,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from typing import Protocol as TypingProtocol
 
-from kproxy import conntrack as ct_policy
 from kproxy.backends import ipvs as ipvs_backend
-from kproxy.backends.conntrack import Conntrack
 from kproxy.backends.host import set_sysctl
+from kproxy.backends.protocols import DeviceBackend, IpsetBackend, IptablesBackend, IpvsBackend
 from kproxy.config import IpvsConfig, validate_ipvs_config
 from kproxy.errors import BackendError
-from kproxy.model import IPFamily, Protocol
-from kproxy.proxier import ipvs as pv
+from kproxy.model import IPFamily
+from kproxy.node import NodeContext
 from kproxy.proxier import names
-from kproxy.proxier.base import FamilyView
-from kproxy.proxier.context import NodeContext
+from kproxy.proxier.iptables import render as ipt
+from kproxy.proxier.ipvs import plan as pvp
+from kproxy.proxier.ipvs import render as pv
+from kproxy.proxier.result import SyncResult as BaseResult
+from kproxy.view import FamilyView, Repair
 
 # conn_reuse_mode=0 works around 1 s stalls on reused ports (#81775) on kernels before the fix
 # (#93297); from this version on it is left alone, as upstream does.
@@ -50,29 +51,8 @@ CONN_REUSE_FIXED_KERNEL = (5, 9)
 CONN_REUSE_MIN_KERNEL = (4, 1)
 
 
-class IpvsTable(TypingProtocol):
-    writes: Any
-
-    def ensure_loaded(self) -> None: ...
-    def services(self, family: IPFamily | None = None) -> list[Any]: ...
-    def dests(self, protocol: Protocol, ip: str, port: int) -> list[Any]: ...
-    def add_service(self, protocol: Protocol, ip: str, port: int, scheduler: str, flags: int, timeout: int) -> None: ...
-    def update_service(
-        self, protocol: Protocol, ip: str, port: int, scheduler: str, flags: int, timeout: int
-    ) -> None: ...
-    def delete_service(self, protocol: Protocol, ip: str, port: int) -> None: ...
-    def add_dest(self, protocol: Protocol, ip: str, port: int, rip: str, rport: int, weight: int = 1) -> None: ...
-    def update_dest(self, protocol: Protocol, ip: str, port: int, rip: str, rport: int, weight: int) -> None: ...
-    def delete_dest(self, protocol: Protocol, ip: str, port: int, rip: str, rport: int) -> None: ...
-    def set_timeouts(self, tcp: int, tcpfin: int, udp: int) -> None: ...
-
-
 @dataclass
-class IpvsSyncResult:
-    family: int
-    full: bool
-    services: int
-    endpoints: int
+class IpvsSyncResult(BaseResult):
     virtual_servers: int = 0
     real_servers: int = 0
     ipvs_ops: tuple[str, ...] = ()
@@ -83,12 +63,6 @@ class IpvsSyncResult:
     chains_written: dict[str, int] = field(default_factory=dict)
     chains_deleted: dict[str, int] = field(default_factory=dict)
     draining: int = 0
-    render_seconds: float = 0.0
-    apply_seconds: float = 0.0
-    conntrack_deleted: int = 0
-    no_local_internal: int = 0
-    no_local_external: int = 0
-    payload: str = ""
 
     def log_fields(self) -> dict[str, int]:
         """What this sync wrote, for the daemon's ``sync_complete`` line."""
@@ -131,9 +105,9 @@ def without_addresses(ctx: NodeContext, bound: set[str]) -> NodeContext:
     return dataclasses.replace(ctx, local_ips=local, nodeport_ips=nodeport_ips, node_ip=node_ip)
 
 
-def kernel_state(entries: list[Any]) -> dict[pv.VSKey, pv.KernelService]:
+def kernel_state(entries: list[Any]) -> dict[pv.VSKey, pvp.KernelService]:
     return {
-        (e.protocol, e.ip, e.port): pv.KernelService(e.protocol, e.ip, e.port, e.scheduler, e.flags, e.timeout)
+        (e.protocol, e.ip, e.port): pvp.KernelService(e.protocol, e.ip, e.port, e.scheduler, e.flags, e.timeout)
         for e in entries
     }
 
@@ -144,11 +118,10 @@ class IpvsProxier:
         family: IPFamily,
         cfg: IpvsConfig,
         *,
-        ipvs: IpvsTable,
-        ipset: Any,
-        iptables: Any,
-        device: Any,
-        conntrack: Conntrack | None = None,
+        ipvs: IpvsBackend,
+        ipset: IpsetBackend,
+        iptables: IptablesBackend,
+        device: DeviceBackend,
         sysctl: Callable[[str, str], bool] = set_sysctl,
         kernel: tuple[int, int] | None = None,
     ) -> None:
@@ -158,14 +131,12 @@ class IpvsProxier:
         self.ipset = ipset
         self.iptables = iptables
         self.device = device
-        self.conntrack = conntrack
         self._sysctl = sysctl
         self._kernel = kernel
         self._set_up = False
         self._last: pv.IpvsState | None = None
         self._applied_tables: dict[str, dict[str, tuple[str, ...]]] | None = None
         self._draining: set[tuple[pv.VSKey, tuple[str, int]]] = set()
-        self._udp: dict[Any, Any] = {}
 
     # ----- set-up
 
@@ -204,7 +175,11 @@ class IpvsProxier:
     def render(self, view: FamilyView, ctx: NodeContext) -> pv.IpvsState:
         return pv.render(view.ports, view.endpoints, ctx, self.cfg)
 
-    def sync(self, view: FamilyView, ctx: NodeContext, *, full: bool = False, dry_run: bool = False) -> IpvsSyncResult:
+    def sync(
+        self, view: FamilyView, ctx: NodeContext, *, full: bool = False, dry_run: bool = False, verify: bool = True
+    ) -> IpvsSyncResult:
+        """One sync; see the module docstring. `verify` also reads the iptables listing back when
+        the rules did not change, to repair drift there (a full sync always does)."""
         full = full or self._last is None
         t0 = time.perf_counter()
         try:
@@ -231,25 +206,16 @@ class IpvsProxier:
             result.payload = str(desired)
             return result
         try:
-            self._apply(desired, bound, full, result)
+            self._apply(desired, bound, full, verify, result)
         except (BackendError, ValueError) as e:
             self.force_full()
             if isinstance(e, ValueError):
                 raise BackendError(str(e)) from e
             raise
         result.apply_seconds = time.perf_counter() - t1
-        udp = {n: (sp, view.endpoints.get(n, ())) for n, sp in view.ports.items() if sp.protocol is Protocol.UDP}
-        # As upstream, only when some UDP Service port changed: listing conntrack is a full dump.
-        udp_changed, self._udp = full or udp != self._udp, udp
-        if self.conntrack is not None and udp_changed and udp:
-            flows = self.conntrack.list()
-            local = ctx.nodeport_ips if ctx.nodeport_ips is not None else ctx.local_ips
-            result.conntrack_deleted = self.conntrack.delete(
-                ct_policy.stale_flows(flows, view.ports, view.endpoints, local)
-            )
         return result
 
-    def _read_ipvs(self, desired: pv.IpvsState, full: bool) -> dict[pv.VSKey, pv.KernelService]:
+    def _read_ipvs(self, desired: pv.IpvsState, full: bool) -> dict[pv.VSKey, pvp.KernelService]:
         current = kernel_state(self.ipvs.services(self.family))
         last = self._last.virtual_servers if self._last is not None and not full else {}
         draining = {k for k, _ in self._draining}
@@ -259,37 +225,46 @@ class IpvsProxier:
                 continue  # deleted, or not ours: its real servers do not matter
             if full or key in draining or last.get(key) != want:
                 dests = tuple(
-                    pv.KernelDest(d.ip, d.port, d.weight, d.fwd, d.active, d.inactive) for d in self.ipvs.dests(*key)
+                    pvp.KernelDest(d.ip, d.port, d.weight, d.fwd, d.active, d.inactive) for d in self.ipvs.dests(*key)
                 )
                 current[key] = dataclasses.replace(ks, dests=dests)
         return current
 
     def _owned(self, keys: list[pv.VSKey]) -> list[pv.VSKey]:
         excl = self.cfg.exclude_cidrs
-        return [k for k in keys if not (excl and pv.in_cidrs(k[1], excl))]
+        return [k for k in keys if not (excl and pvp.in_cidrs(k[1], excl))]
 
-    def _apply(self, desired: pv.IpvsState, bound: set[str], full: bool, result: IpvsSyncResult) -> None:
+    def _apply(self, desired: pv.IpvsState, bound: set[str], full: bool, verify: bool, result: IpvsSyncResult) -> None:
         self.setup()
         current = self._read_ipvs(desired, full)
-        plan = pv.ipvs_plan(desired.virtual_servers, current, self._owned(list(current)))
+        plan = pvp.ipvs_plan(desired.virtual_servers, current, self._owned(list(current)))
+        existing_sets: dict[str, pvp.KernelSet] | None = None
         if not full and self._last is not None and self._last.ipsets == desired.ipsets:
             # Unchanged since the last sync wrote them: not read back (a full sync always is).
-            set_plan = pv.IpsetPlan("", (), 0, 0, ())
+            set_plan = pvp.IpsetPlan("", (), 0, 0, ())
         else:
             existing_sets = {
-                n: pv.KernelSet(
+                n: pvp.KernelSet(
                     n, s.type, s.family, s.maxelem, frozenset(pv.canonical_entry(s.type, e) for e in s.entries)
                 )
                 for n, s in self.ipset.save(lambda n: pv.owns_set(n, self.family)).items()
             }
-            set_plan = pv.ipset_plan(desired.ipsets, existing_sets, self.family)
+            set_plan = pvp.ipset_plan(desired.ipsets, existing_sets, self.family)
+        repairs: tuple[Repair, ...] = ()
+        if self._last is not None:
+            repairs = pvp.ipvs_drift(self._last, desired, current, existing_sets)
         tables = {t: dict(c) for t, c in desired.iptables.tables.items()}
         restore = None
-        if full or self._applied_tables != tables:
+        if full or verify or self._applied_tables != tables:
             saved = self.iptables.save(pv.TABLES, prefixes=(names.PREFIX,))
-            restore = pv.iptables_plan(
-                desired.iptables, None if full else self._applied_tables, saved.chains, saved.jump_rules
-            )
+            # Even a full sync (which reads everything back) writes only what changed or drifted.
+            applied = self._applied_tables
+            if applied is not None and self._last is not None:
+                last_jumps = ((t, b, target) for t, b, _, target, _ in self._last.iptables.jumps)
+                present = pv.present_jumps(saved.jump_rules)
+                rewrite, found = ipt.drift(applied, saved.chains, saved.rule_counts, last_jumps, present)
+                applied, repairs = ipt.without(applied, rewrite), repairs + found
+            restore = pv.iptables_plan(desired.iptables, applied, saved.chains, saved.jump_rules)
 
         self.ipset.restore(set_plan.text)
         self.device.ensure()
@@ -297,7 +272,7 @@ class IpvsProxier:
             self._do(op)
         add = pv.sorted_ips(desired.addresses - bound)
         self.device.add_addresses(add)
-        if restore is not None:
+        if restore is not None and restore.text:
             self.iptables.restore(restore.text)
         remove = pv.sorted_ips(bound - desired.addresses)
         self.device.remove_addresses(remove)
@@ -313,11 +288,12 @@ class IpvsProxier:
         result.addresses_added, result.addresses_removed = len(add), len(remove)
         result.ipset_lines = set_plan.text.count("\n") + len(set_plan.destroy)
         result.ipsets_rebuilt = set_plan.rebuilt
-        if restore is not None:
+        if restore is not None and restore.text:  # a verifying read that found nothing wrote nothing
             result.chains_written, result.chains_deleted = restore.written, restore.deleted
         result.draining = len(self._draining)
+        result.repairs = repairs
 
-    def _do(self, op: pv.IpvsOp) -> None:
+    def _do(self, op: pvp.IpvsOp) -> None:
         vs, rs = op.vs, op.rs
         if op.op == "add_service":
             self.ipvs.add_service(vs.protocol, vs.ip, vs.port, vs.scheduler, vs.flags, vs.timeout)
@@ -379,7 +355,7 @@ class IpvsProxier:
         return len(still)
 
 
-def real_ipvs_proxier(family: IPFamily, cfg: IpvsConfig, iptables: Any, conntrack: Conntrack | None) -> IpvsProxier:
+def real_ipvs_proxier(family: IPFamily, cfg: IpvsConfig, iptables: IptablesBackend) -> IpvsProxier:
     """An IpvsProxier over the kernel's IPVS, ipset and dummy device, with the given iptables.
 
     Its netlink socket opens in the first thread that syncs: use it from that thread only.
@@ -394,5 +370,4 @@ def real_ipvs_proxier(family: IPFamily, cfg: IpvsConfig, iptables: Any, conntrac
         ipset=Ipset(),
         iptables=iptables,
         device=DummyDevice(names.IPVS_DEVICE),
-        conntrack=conntrack,
     )

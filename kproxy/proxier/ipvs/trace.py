@@ -13,7 +13,7 @@ and sets kproxy rendered and through its IPVS table:
 A VS with real servers yields one DNAT outcome per real server of weight > 0 (or the one a
 persistence template pins the client to, `affinity`); a VS without any refuses the packet as
 IPVS does (ICMP port unreachable: REJECT); a local destination IPVS does not serve reaches the
-node's own stack (UNTOUCHED). Outcomes are `kproxy.testing.tracer.Outcome`s, so flow tables
+node's own stack (UNTOUCHED). Outcomes are `kproxy.proxier.iptables.trace.Outcome`s, so flow tables
 read the same as the iptables mode's.
 """
 
@@ -24,9 +24,9 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from kproxy.model import Protocol
-from kproxy.proxier import ipvs as pv
-from kproxy.proxier.iptables import FILTER, NAT
-from kproxy.testing.tracer import DNAT, DROP, REJECT, UNTOUCHED, Outcome, Packet, Trace, Tracer
+from kproxy.proxier.iptables.render import FILTER, NAT
+from kproxy.proxier.iptables.trace import DNAT, DROP, REJECT, UNTOUCHED, Outcome, Packet, Trace, Tracer
+from kproxy.proxier.ipvs import render as pv
 
 MANGLE = pv.MANGLE
 

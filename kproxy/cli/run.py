@@ -13,45 +13,19 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from kproxy.config import FLAGS, Flag, LoadedConfig, dump_config, load_run_config
+from kproxy.cli.flags import given, kube_proxy_options
+from kproxy.config import LoadedConfig, dump_config, load_run_config
 from kproxy.errors import ConfigError, KproxyError
 from kproxy.log import get_logger, setup
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _option(flag: Flag) -> Callable[[F], F]:
-    names = ["-v", "--v"] if flag.name == "v" else [f"--{flag.name}"]
-    param = flag.name.replace("-", "_")
-    hidden = not flag.acted or not flag.help
-    common: dict[str, Any] = {"default": None, "hidden": hidden, "help": flag.help or None}
-    if flag.kind == "bool":
-        # Go's boolean flags: --flag, --flag=true, --flag=false.
-        return click.option(*names, param, is_flag=False, flag_value="true", metavar="[=BOOL]", **common)
-    if flag.kind in ("list", "map"):
-        return click.option(*names, param, multiple=True, metavar="LIST", **{**common, "default": ()})
-    metavar = {"duration": "DURATION", "int": "INT", "float": "NUMBER"}.get(flag.kind, "TEXT")
-    return click.option(*names, param, metavar=metavar, **common)
-
-
-def _flag_options(fn: F) -> F:
-    for flag in reversed(FLAGS):
-        fn = _option(flag)(fn)
-    return fn
-
-
-def _given(kw: dict[str, Any]) -> dict[str, Any]:
-    return {name.replace("_", "-"): value for name, value in kw.items() if value is not None and value != ()}
-
 
 @click.command("run", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@_flag_options
+@kube_proxy_options()
 def run(**kw: Any) -> None:
     """Watch the API server and keep this node's Service rules converged (kube-proxy's job).
 
@@ -59,7 +33,7 @@ def run(**kw: Any) -> None:
     ConfigMap as kubectl prints it); flags given on the command line override the file.
     """
     try:
-        loaded = load_run_config(_given(kw))
+        loaded = load_run_config(given(kw))
     except ConfigError as e:
         click.echo(f"kproxy: {e}", err=True)
         sys.exit(2)
@@ -94,13 +68,14 @@ def _main(loaded: LoadedConfig) -> int:
         if cfg.cleanup:
             # Every mode's leftovers whatever the configured mode, as kube-proxy --cleanup: the
             # mode a node ran before is not known.
-            from kproxy.cleanup import cleanup_iptables
-            from kproxy.ipvs_mode import cleanup_ipvs
+            from kproxy import modes as registry
+            from kproxy.proxier.cleanup import cleanup_iptables
 
             removed = cleanup_iptables()
-            log.info("cleanup_complete", removed_chains=removed, ipvs=cleanup_ipvs())
+            done = {info.name: info.load().cleanup(False) for info in registry.MODES.values()}
+            log.info("cleanup_complete", removed_chains=removed, **{k: v for k, v in done.items() if v})
             return 0
-        from kproxy.daemon import build_daemon
+        from kproxy.daemon.daemon import build_daemon
 
         daemon = build_daemon(cfg)
         if cfg.init_only:

@@ -7,12 +7,23 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kproxy.config import ProxyConfig
 from kproxy.endpointslices import endpoints_by_port
 from kproxy.model import ClusterState, Endpoint, IPFamily, Node, ServicePort, ServicePortName, family_of
-from kproxy.proxier.context import DETECT_BRIDGE, DETECT_CLUSTER_CIDR, DETECT_NODE_CIDR, LocalDetector, NodeContext
+from kproxy.node import DETECT_BRIDGE, DETECT_CLUSTER_CIDR, DETECT_NODE_CIDR, LocalDetector, NodeContext
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """One thing a sync found changed by someone else in what it had programmed, and put back.
+
+    `kind` is the metric label (chain, jump, ipset, virtual_server, real_server); `what` names
+    the object and what was found, for the ``rules_tampered`` log line."""
+
+    kind: str
+    what: str
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,17 @@ def node_context(cfg: ProxyConfig, family: IPFamily, node: Node | None, host_add
         conntrack_tcp_liberal=cfg.conntrack_tcp_liberal,
         local_ips=host,
     )
+
+
+def with_primary_ip(ctx: NodeContext, bind_address: str) -> NodeContext:
+    """`ctx` with kube-proxy's --bind-address as the node's primary IP, when of this family.
+
+    Upstream takes a specified bind address as the primary IP (no socket is bound); the
+    unspecified addresses (0.0.0.0, ::) and the other family's leave the detected one.
+    """
+    if bind_address and family_of(bind_address) == ctx.family and not ipaddress.ip_address(bind_address).is_unspecified:
+        return replace(ctx, node_ip=bind_address)
+    return ctx
 
 
 def needs_route_localnet(ctx: NodeContext) -> bool:

@@ -1,35 +1,23 @@
-"""`kproxy sync|trace|cleanup --mode ipvs`: the IPVS mode behind the command line.
+"""The IPVS mode behind the registry: its proxier for the daemon, `kproxy sync`, `kproxy trace`,
+`kproxy cleanup`, and what it leaves behind when another mode takes the node over.
 
-cli.py parses the common options and the cluster state and hands them here; this module builds
-the backends for the IPVS mode, runs one sync per IP family, explains a packet, or removes what
-the mode created. Imports of the backends (pyroute2) stay inside the functions, so that loading
-the command line costs nothing for the other modes.
+The command line parses the configuration and the cluster state and hands them here; this module
+builds the backends for the IPVS mode, runs one sync per IP family, explains a packet, or removes
+what the mode created. Imports of the backends (pyroute2) stay inside the functions, so that
+registering the mode costs nothing for the other modes.
 """
 
 from __future__ import annotations
 
-import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import click
-
-from kproxy.config import (
-    DEFAULT_SCHEDULER,
-    SCHEDULERS,
-    IpvsConfig,
-    ProxyConfig,
-    parse_duration,
-    validate_ipvs_config,
-)
-from kproxy.errors import BackendError, ConfigError
+from kproxy.config import IpvsConfig, RunConfig
+from kproxy.errors import BackendError
 from kproxy.model import ClusterState, IPFamily
-from kproxy.proxier import ipvs as pv
 from kproxy.proxier import names
-
-F = TypeVar("F", bound=Callable[..., Any])
+from kproxy.proxier.ipvs import render as pv
 
 # kube-proxy's IPVS leftovers, for `cleanup --upstream` (pkg/proxy/ipvs ipsetInfo; IPv6 copies
 # are prefixed KUBE-6-).
@@ -44,95 +32,49 @@ UPSTREAM_SETS = (
 UPSTREAM_SET_NAMES = frozenset(UPSTREAM_SETS) | {("KUBE-6-" + n[len("KUBE-") :])[:31] for n in UPSTREAM_SETS}
 
 
-def parse_seconds(text: str, flag: str) -> float:
-    """Seconds from a plain number or a Go duration as kube-proxy's flags take (`900s`, `1m30s`)."""
-    s = text.strip()
-    if re.fullmatch(r"\d+(\.\d*)?", s):
-        return float(s)
-    try:
-        return parse_duration(s)
-    except ValueError as e:
-        raise ConfigError(f"{flag}: {e}") from None
-
-
-def ipvs_options(fn: F) -> F:
-    """kube-proxy's --ipvs-* flags, for `kproxy sync` and `kproxy trace`."""
-    for opt in reversed(
-        [
-            click.option(
-                "--ipvs-scheduler",
-                default=DEFAULT_SCHEDULER,
-                show_default=True,
-                help=f"IPVS mode: scheduler ({', '.join(SCHEDULERS)}).",
-            ),
-            click.option("--ipvs-strict-arp", is_flag=True, help="IPVS mode: arp_ignore=1, arp_announce=2."),
-            click.option("--ipvs-tcp-timeout", default="0", help="IPVS mode: idle TCP timeout (900s; 0 keeps)."),
-            click.option("--ipvs-tcpfin-timeout", default="0", help="IPVS mode: TCP FIN_WAIT timeout (0 keeps)."),
-            click.option("--ipvs-udp-timeout", default="0", help="IPVS mode: UDP timeout (0 keeps)."),
-            click.option(
-                "--ipvs-exclude-cidrs", default="", help="IPVS mode: CIDRs whose virtual servers are not ours."
-            ),
-        ]
-    ):
-        fn = opt(fn)
-    return fn
-
-
-def ipvs_config(kw: dict[str, Any]) -> IpvsConfig:
-    from kproxy.config import parse_cidr_list
-
-    return validate_ipvs_config(
-        IpvsConfig(
-            scheduler=kw.get("ipvs_scheduler") or DEFAULT_SCHEDULER,
-            strict_arp=bool(kw.get("ipvs_strict_arp")),
-            tcp_timeout=parse_seconds(kw.get("ipvs_tcp_timeout") or "0", "--ipvs-tcp-timeout"),
-            tcp_fin_timeout=parse_seconds(kw.get("ipvs_tcpfin_timeout") or "0", "--ipvs-tcpfin-timeout"),
-            udp_timeout=parse_seconds(kw.get("ipvs_udp_timeout") or "0", "--ipvs-udp-timeout"),
-            exclude_cidrs=parse_cidr_list(kw.get("ipvs_exclude_cidrs") or "", "--ipvs-exclude-cidrs"),
-        )
-    )
-
-
-def make_proxier(family: IPFamily, ipvs_cfg: IpvsConfig, variant: str, conntrack: bool = True) -> Any:
+def make_proxier(family: IPFamily, ipvs_cfg: IpvsConfig, variant: str) -> Any:
     """An IpvsProxier over the real backends, for use in the calling thread."""
-    from kproxy.backends.conntrack import Conntrack
     from kproxy.backends.iptables import Iptables
-    from kproxy.proxier.ipvs_proxier import real_ipvs_proxier
+    from kproxy.proxier.ipvs.proxier import real_ipvs_proxier
 
-    return real_ipvs_proxier(family, ipvs_cfg, Iptables(family, variant), Conntrack(family) if conntrack else None)
+    return real_ipvs_proxier(family, ipvs_cfg, Iptables(family, variant))
 
 
-def sync_ipvs(cfg: ProxyConfig, ipvs_cfg: IpvsConfig, state: ClusterState, *, dry_run: bool, variant: str) -> list[Any]:
-    """One sync per IP family of this kernel; prints the dry-run text or a summary per family."""
+def sync_ipvs(cfg: RunConfig, state: ClusterState, *, dry_run: bool) -> str:
+    """One sync per IP family of this kernel; the dry-run text or a summary per family."""
+    from kproxy.backends.conntrack import Conntrack
     from kproxy.backends.host import local_addresses
     from kproxy.families import kernel_families
-    from kproxy.proxier.base import family_view, node_context
+    from kproxy.proxier.iptables.mode import family_name, node_variant
+    from kproxy.proxier.loop import sync_once
+    from kproxy.view import family_view, node_context, with_primary_ip
 
-    node = state.nodes.get(cfg.node_name)
-    results = []
-    for family in kernel_families():
-        proxier = make_proxier(family, ipvs_cfg, variant, conntrack=not dry_run)
-        note = ""
-        try:
+    node = state.nodes.get(cfg.proxy.node_name)
+    variant = node_variant(cfg, dry_run)
+    proxiers = {family: make_proxier(family, cfg.ipvs, variant) for family in kernel_families()}
+    notes: dict[IPFamily, str] = {}
+    try:
+        jobs = {}
+        for family, proxier in proxiers.items():
             bound = _bound(proxier)
             host = tuple(a for a in local_addresses(family) if a not in bound)
             node_ips = node.addresses_of(family) if node is not None else ()
             if dry_run and node_ips and not set(node_ips) & set(host):
                 # Reading another node's dump: NodePorts go on that node's addresses, not ours.
                 host = node_ips + (("127.0.0.1",) if family is IPFamily.V4 else ("::1",))
-                note = f" (NodePorts on the Node object's addresses: this host is not {cfg.node_name})"
-            ctx = node_context(cfg, family, node, host)
-            result = proxier.sync(family_view(state, family), ctx, full=True, dry_run=dry_run)
-        finally:
+                notes[family] = f" (NodePorts on the Node object's addresses: this host is not {cfg.proxy.node_name})"
+            # The context leaves out the dummy device's addresses, as the proxier's own does.
+            ctx = with_primary_ip(node_context(cfg.proxy, family, node, host), cfg.bind_address)
+            jobs[family] = (proxier, family_view(state, family), ctx)
+
+        def header(family: IPFamily) -> str:
+            what = "IPVS table in ipvsadm -Ln form, then addresses, ipsets and iptables rules"
+            return f"# {family_name(family)}: {what}{notes.get(family, '')}"
+
+        return sync_once(jobs, dry_run=dry_run, header=header, conntrack=Conntrack)
+    finally:
+        for proxier in proxiers.values():
             proxier.ipvs.close()
-        results.append(result)
-        name = "IPv4" if family is IPFamily.V4 else "IPv6"
-        if dry_run:
-            click.echo(f"# {name}: IPVS table in ipvsadm -Ln form, then addresses, ipsets and iptables rules{note}")
-            click.echo(result.payload, nl=False)
-        else:
-            click.echo(result.summary())
-    return results
 
 
 def _bound(proxier: Any) -> set[str]:
@@ -143,31 +85,27 @@ def _bound(proxier: Any) -> set[str]:
 
 
 def trace_ipvs(
-    cfg: ProxyConfig,
-    ipvs_cfg: IpvsConfig,
+    cfg: RunConfig,
     state: ClusterState,
     family: IPFamily,
     host: tuple[str, ...],
-    src: str,
-    dst: str,
-    port: int,
-    proto: str,
-    iface: str,
-) -> None:
+    packet: tuple[str, str, int, str, str],
+) -> list[str]:
     from kproxy.backends.dummy import DummyDevice
-    from kproxy.proxier.base import family_view, node_context
-    from kproxy.testing.ipvs_tracer import IpvsTracer
+    from kproxy.proxier.ipvs.trace import IpvsTracer
+    from kproxy.view import family_view, node_context, with_primary_ip
 
-    node = state.nodes.get(cfg.node_name)
+    node = state.nodes.get(cfg.proxy.node_name)
     try:
         bound = DummyDevice(names.IPVS_DEVICE).addresses(family)
     except BackendError:
         bound = set()
-    ctx = node_context(cfg, family, node, tuple(a for a in host if a not in bound))
+    ctx = with_primary_ip(
+        node_context(cfg.proxy, family, node, tuple(a for a in host if a not in bound)), cfg.bind_address
+    )
     view = family_view(state, family)
-    desired = pv.render(view.ports, view.endpoints, ctx, ipvs_cfg)
-    result = IpvsTracer(desired, ctx.local_ips).trace(src, dst, port, proto, iface)
-    click.echo("\n".join(result.explain()))
+    desired = pv.render(view.ports, view.endpoints, ctx, cfg.ipvs)
+    return IpvsTracer(desired, ctx.local_ips).trace(*packet).explain()
 
 
 def cleanup_ipvs(upstream: bool = False) -> str:
@@ -233,3 +171,32 @@ def leave_ipvs_mode(variant: str) -> str | None:
         saved = ipt.save((pv.MANGLE,), prefixes=(names.PREFIX,))
         ipt.restore(cleanup_text(saved, lambda name: name in pv.MANGLE_CHAINS))
     return cleanup_ipvs()
+
+
+class IpvsMode:
+    def proxier(self, family: IPFamily, cfg: RunConfig, iptables: Any) -> Any:
+        from kproxy.proxier.ipvs.proxier import real_ipvs_proxier
+
+        return real_ipvs_proxier(family, cfg.ipvs, iptables)
+
+    def sync_once(self, cfg: RunConfig, state: ClusterState, *, dry_run: bool) -> str:
+        return sync_ipvs(cfg, state, dry_run=dry_run)
+
+    def trace(
+        self,
+        cfg: RunConfig,
+        state: ClusterState,
+        family: IPFamily,
+        host: tuple[str, ...],
+        packet: tuple[str, str, int, str, str],
+    ) -> list[str]:
+        return trace_ipvs(cfg, state, family, host, packet)
+
+    def cleanup(self, upstream: bool) -> str | None:
+        return cleanup_ipvs(upstream)
+
+    def leave(self, variant: str) -> str | None:
+        return leave_ipvs_mode(variant)
+
+
+MODE = IpvsMode()

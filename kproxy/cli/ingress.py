@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from kproxy.cli_exits import exits
+from kproxy.cli.exits import exits
 from kproxy.errors import BackendError, ConfigError, InputError, InvalidObject
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -373,7 +373,7 @@ def hostports(
     strict: bool,
 ) -> None:
     """Program the hostPorts of this node's Pods into this network namespace (once, or --watch)."""
-    from kproxy.ingress.hostport import HostPortSyncer
+    from kproxy.hostport.syncer import HostPortSyncer
     from kproxy.ingress.selector import parse_selector
     from kproxy.log import setup
 
@@ -454,9 +454,9 @@ def _hostports_daemon(
     min_sync_period: float,
     metrics_address: str,
 ) -> None:
+    from kproxy.hostport.syncer import HostPortDaemon, HostPortSyncer
     from kproxy.httpd import TEXT, Response, listen
     from kproxy.ingress.events import Recorder
-    from kproxy.ingress.hostport import HostPortDaemon, HostPortSyncer
     from kproxy.ingress.metrics import HostPortMetrics
     from kproxy.log import setup
     from kproxy.sources.kube import load_client_configuration

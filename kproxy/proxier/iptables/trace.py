@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from kproxy.proxier.iptables import FILTER, NAT, Ruleset, jump_rule
+from kproxy.proxier.iptables.render import FILTER, NAT, Ruleset, jump_rule
 
 DNAT = "dnat"
 REJECT = "reject"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 from importlib import resources
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from kproxy.lab import Lab, remove_namespaces
+from kproxy.lab.namespaces import Lab, NamespaceRef, remove_namespaces, start_detached
 
 RUN_DIR = Path("/run/kproxy-lab")
 ECHO_PORT = 8080
@@ -49,7 +48,7 @@ def up(prefix: str, nodes: int, pods_per_node: int, clients: int) -> None:
     argv = [
         sys.executable,
         "-m",
-        "kproxy.cli",
+        "kproxy.cli.main",
         "lab",
         "serve",
         "--prefix",
@@ -61,12 +60,10 @@ def up(prefix: str, nodes: int, pods_per_node: int, clients: int) -> None:
         "--clients",
         str(clients),
     ]
-    proc = subprocess.Popen(
-        argv, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    _pidfile(prefix).write_text(str(proc.pid))
+    pid = start_detached(argv)
+    _pidfile(prefix).write_text(str(pid))
     click.echo(the_lab.describe())
-    click.echo(f"echo servers on port {ECHO_PORT} in every pod (pid {proc.pid}); `kproxy lab down` removes it all")
+    click.echo(f"echo servers on port {ECHO_PORT} in every pod (pid {pid}); `kproxy lab down` removes it all")
 
 
 @lab.command(hidden=True)
@@ -139,7 +136,8 @@ def demo(prefix: str, state_path: str | None, requests: int) -> None:
                 raise click.ClickException(f"kproxy sync on {node.name} exited {res.returncode}")
         client = the_lab.client(1)
         pod = the_lab.pod("pod-1b")
-        cases = [
+        # (title, from, to IP, port, source IP to bind)
+        cases: list[tuple[str, NamespaceRef, str, int, str | None]] = [
             ("ClusterIP demo/web 172.30.0.10:80 from pod-1b", pod, "172.30.0.10", 80, None),
             (
                 "ClusterIP demo/web 172.30.0.10:80 from pod-2b (node-2's rules)",

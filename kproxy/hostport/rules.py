@@ -1,7 +1,7 @@
 """hostPort, pure: Pods of this node → port mappings → iptables rules → one restore transaction.
 
 This is what the CNI portmap plugin does at CNI ADD/DEL, done instead from the Pods the API
-server says run on this node (see `kproxy.ingress.hostport` for the driver). Nothing here touches
+server says run on this node (see `kproxy.hostport.syncer` for the driver). Nothing here touches
 the kernel: node addresses and the chains already present come in as values.
 
 Guarantees:
@@ -42,6 +42,9 @@ Guarantees:
   chains are declared (flushed) and refilled, stale ones deleted, and our jumps added, moved or
   removed, in one ``iptables-restore --noflush`` input. Rule bodies are never read back; only
   chain names and the order of the jumps in the built-in chains are.
+
+Why one module of ~590 lines: it is one pure pipeline (claims, conflicts, mappings, chains,
+plan) whose stages share the portmap plugin's names and ordering rules.
 """
 
 from __future__ import annotations
@@ -427,13 +430,13 @@ def render(mappings: Iterable[PortMapping], family: IPFamily, addresses: Sequenc
             for i in range(0, len(ports), MULTIPORT_MAX):
                 group = ",".join(str(p) for p in ports[i : i + MULTIPORT_MAX])
                 nat[PODS_CHAIN].append(
-                    f"-A {PODS_CHAIN} -m comment --comment {comment} -p {proto.lower} "
+                    f"-A {PODS_CHAIN} -m comment --comment {comment} -p {proto.lowercase} "
                     f"-m multiport --dports {group} -j {chain}"
                 )
         rules: list[str] = []
         for m in ms:
             dst = f"-d {_host(m.host_ip)} " if m.host_ip else ""
-            match = f"-p {m.protocol.lower} -m {m.protocol.lower} --dport {m.host_port}"
+            match = f"-p {m.protocol.lowercase} -m {m.protocol.lowercase} --dport {m.host_port}"
             loopback_only = bool(m.host_ip) and ipaddress.ip_address(m.host_ip).is_loopback
             if not loopback_only:
                 # Hairpin: the pod reaches its own hostPort; without SNAT its reply stays inside it.

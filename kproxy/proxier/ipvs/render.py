@@ -1,5 +1,9 @@
 """The IPVS mode, pure: cluster state in, the desired IPVS table, dummy-device addresses, ipsets
-and the few iptables rules IPVS needs out; plus the plans that turn what the kernel holds into it.
+and the few iptables rules IPVS needs out (plan.py turns what the kernel holds into it).
+
+Its size (about 680 lines) is one render: the four outputs are computed in one pass over the
+Service ports and must agree with each other, and the names and text forms they share (ipset
+names and entries, `ipvsadm -Ln` lines) are defined here once for render, plan and the tracer.
 
 What it guarantees (docs/mode-ipvs.md has the packet walk-through):
 
@@ -29,18 +33,18 @@ What it guarantees (docs/mode-ipvs.md has the packet walk-through):
     for both outside and the node's own traffic (the iptables mode drops un-DNATed traffic in
     filter, which IPVS would pre-empt for local sources); a range holding the node IP also
     admits the LB IP as source (the node reaching a locally bound LB IP). NodePorts ignore it.
-- Masquerade uses the iptables mode's mark chain layout (KPROXY-MARK-MASQ, KPROXY-POSTROUTING):
-  off-cluster sources to ClusterIPs (local detector, or --masquerade-all; with no detector,
-  the node's own connections that took a VIP as source, as upstream), every external
-  destination of an eTP=Cluster Service, and hairpin (an endpoint reaching itself, ipset
-  KPROXY-LOOP-BACK).
+- Masquerade uses the iptables mode's mark chain layout (KPROXY-MARK-MASQ, KPROXY-POSTROUTING;
+  fixed_chains.py renders them, and KPROXY-FORWARD, for both modes): off-cluster sources to
+  ClusterIPs (local detector, or --masquerade-all; with no detector, the node's own connections
+  that took a VIP as source, as upstream), every external destination of an eTP=Cluster
+  Service, and hairpin (an endpoint reaching itself, ipset KPROXY-LOOP-BACK).
 - The VIP filter (upstream's KUBE-IPVS-FILTER, #72236; here the tail of filter KPROXY-SERVICES):
   a new connection to an address bound to the dummy device on a port that is no Service's is
   REJECTed, so VIPs never expose the node's own services.
 - ipset names start with `KPROXY-` (IPv6 ones with `KPROXY-6-`) and fit IPSET_NAME_MAX.
 
-Nothing here touches the kernel: the driver (ipvs_proxier.py) reads the kernel through the
-backends, hands the readings to the plans below and applies what they say.
+Nothing here touches the kernel: the driver (proxier.py) reads the kernel through the backends,
+hands the readings to the plans (plan.py) and applies what they say.
 """
 
 from __future__ import annotations
@@ -49,13 +53,13 @@ import hashlib
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 from kproxy.config import DEFAULT_SCHEDULER, IpvsConfig
 from kproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, family_of
-from kproxy.proxier import iptables as ipt
+from kproxy.node import NodeContext
 from kproxy.proxier import names
-from kproxy.proxier.context import NodeContext
+from kproxy.proxier.fixed_chains import FORWARD_JUMP, POSTROUTING_JUMP, fixed_chains
+from kproxy.proxier.iptables import render as ipt
 from kproxy.topology import categorize
 
 MANGLE = "mangle"
@@ -164,7 +168,7 @@ def scheduler_flags(scheduler: str) -> int:
 # Values
 
 
-def _fmt_addr(ip: str, port: int) -> str:
+def fmt_addr(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
@@ -176,7 +180,7 @@ class RealServer:
 
     @property
     def addr(self) -> str:
-        return _fmt_addr(self.ip, self.port)
+        return fmt_addr(self.ip, self.port)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -206,7 +210,7 @@ class VirtualServer:
 
     @property
     def addr(self) -> str:
-        return _fmt_addr(self.ip, self.port)
+        return fmt_addr(self.ip, self.port)
 
     @property
     def persistent(self) -> bool:
@@ -329,11 +333,11 @@ def ipsets_text(sets: Iterable[IpSet]) -> str:
     out: list[str] = []
     for s in sorted(sets, key=lambda s: s.name):
         out.append(s.create_line())
-        out.extend(f"add {s.name} {e}" for e in sorted(s.entries, key=_entry_sort_key))
+        out.extend(f"add {s.name} {e}" for e in sorted(s.entries, key=entry_sort_key))
     return "\n".join(out) + "\n"
 
 
-def _entry_sort_key(entry: str) -> tuple[object, ...]:
+def entry_sort_key(entry: str) -> tuple[object, ...]:
     head = entry.split(",", 1)[0]
     try:
         a = ipaddress.ip_address(head)
@@ -347,7 +351,7 @@ def _entry_sort_key(entry: str) -> tuple[object, ...]:
 
 
 def ipport(ip: str, proto: Protocol, port: int) -> str:
-    return f"{ip},{proto.lower}:{port}"
+    return f"{ip},{proto.lowercase}:{port}"
 
 
 def canonical_entry(set_type: str, text: str) -> str:
@@ -495,7 +499,7 @@ def _render_port(
         acc.no_local_external += 1
     ext_set = SET_EXTERNAL_LOCAL if svc.external_policy_local else SET_EXTERNAL
     ext_chain = names.external_chain(svc.name)
-    p = f"-m {proto.lower} -p {proto.lower}"
+    p = f"-m {proto.lowercase} -p {proto.lowercase}"
     for ip, dport, kind in dests:
         entry = ipport(ip, proto, dport)
         S[ext_set].add(entry)
@@ -514,14 +518,14 @@ def _render_port(
             )
 
     if has_any and svc.external_policy_local and dests:
-        to = _fmt_addr(cip, port)
+        to = fmt_addr(cip, port)
         rules = []
         if ctx.local_detector.implemented:
             # Pods reaching an external address behave as if they went out to the LB and back:
             # every endpoint, through the ClusterIP's VS.
             rules.append(
                 f'-A {ext_chain} -m comment --comment "pod traffic for {spn_s} external destinations" '
-                f"{ctx.local_detector.if_local()} {p} -j DNAT --to-destination {to}"
+                f"{ipt.local_match(ctx.local_detector)} {p} -j DNAT --to-destination {to}"
             )
         rules.append(
             f'-A {ext_chain} -m comment --comment "masquerade LOCAL traffic for {spn_s} external destinations" '
@@ -544,7 +548,7 @@ def _render_port(
                 S[SET_LB_SOURCE_IP].add(f"{head},{ip}")
 
     for ep in sets.reachable:
-        S[SET_LOOP_BACK].add(f"{ep.ip},{proto.lower}:{ep.port},{ep.ip}")
+        S[SET_LOOP_BACK].add(f"{ep.ip},{proto.lowercase}:{ep.port},{ep.ip}")
     if svc.health_check_node_port:
         S[SET_HEALTH_CHECK].add(str(svc.health_check_node_port))
 
@@ -565,10 +569,10 @@ JUMPS: tuple[tuple[str, str, str, str, str], ...] = (
     (FILTER, "INPUT", "-m conntrack --ctstate NEW", names.SERVICES, "kproxy service portals"),
     (FILTER, "OUTPUT", "-m conntrack --ctstate NEW", names.SERVICES, "kproxy service portals"),
     (FILTER, "INPUT", "", names.NODEPORTS, "kproxy health check service ports"),
-    (FILTER, "FORWARD", "", names.FORWARD, "kproxy forwarding rules"),
+    FORWARD_JUMP,
     (NAT, "OUTPUT", "", names.SERVICES, "kproxy service portals"),
     (NAT, "PREROUTING", "", names.SERVICES, "kproxy service portals"),
-    (NAT, "POSTROUTING", "", names.POSTROUTING, "kproxy postrouting rules"),
+    POSTROUTING_JUMP,
 )
 
 
@@ -578,7 +582,6 @@ def _iptables(ctx: NodeContext, acc: _Acc) -> ipt.Ruleset:
     def ms(base: str, flags: str) -> str:
         return f"-m set --match-set {set_name(base, fam)} {flags}"
 
-    mark = f"{ctx.mark}/{ctx.mark}"
     detector = ctx.local_detector
     svc_comment = '-m comment --comment "kproxy service IP + port for masquerade purpose"'
     nat_services = list(acc.ext_dispatch)
@@ -588,7 +591,7 @@ def _iptables(ctx: NodeContext, acc: _Acc) -> ipt.Ruleset:
         # Off-cluster traffic to a VIP may be routed back out to another node: masquerade it so
         # the reply comes back through us.
         nat_services.append(
-            f"-A {names.SERVICES} {svc_comment} {ms(SET_CLUSTER_IP, 'dst,dst')} {detector.if_not_local()} "
+            f"-A {names.SERVICES} {svc_comment} {ms(SET_CLUSTER_IP, 'dst,dst')} {ipt.local_match(detector, negate=True)} "
             f"-j {names.MARK_MASQ}"
         )
     else:
@@ -599,29 +602,19 @@ def _iptables(ctx: NodeContext, acc: _Acc) -> ipt.Ruleset:
         f'-A {names.SERVICES} -m comment --comment "kproxy external destinations (eTP Cluster)" '
         f"{ms(SET_EXTERNAL, 'dst,dst')} -j {names.MARK_MASQ}"
     )
-    nat: dict[str, tuple[str, ...]] = {
-        names.SERVICES: tuple(nat_services),
-        names.POSTROUTING: (
+    # Masquerade, forwarding and the localnet guard: the iptables mode's chains, the same rules.
+    # Hairpin traffic (an endpoint reaching itself) has no SEP chain to be marked in here: it is
+    # masqueraded at the head of KPROXY-POSTROUTING, by ipset.
+    fixed = fixed_chains(
+        ctx,
+        postrouting_head=(
             f'-A {names.POSTROUTING} -m comment --comment "kproxy endpoint reaching itself (hairpin)" '
             f"{ms(SET_LOOP_BACK, 'dst,dst,src')} -j MASQUERADE",
-            f"-A {names.POSTROUTING} -m mark ! --mark {mark} -j RETURN",
-            # Clear the mark so a packet that traverses the stack again is not masqueraded twice.
-            f"-A {names.POSTROUTING} -j MARK --xor-mark {ctx.mark}",
-            f'-A {names.POSTROUTING} -m comment --comment "kproxy service traffic requiring SNAT" '
-            "-j MASQUERADE --random-fully",
         ),
-        names.MARK_MASQ: (f"-A {names.MARK_MASQ} -j MARK --or-mark {ctx.mark}",),
-    }
+    )
+    nat: dict[str, tuple[str, ...]] = {names.SERVICES: tuple(nat_services), **fixed.nat}
     nat.update(acc.ext_chains)
 
-    forward = []
-    if not ctx.conntrack_tcp_liberal:
-        forward.append(f"-A {names.FORWARD} -m conntrack --ctstate INVALID -j DROP")
-    forward.append(f'-A {names.FORWARD} -m comment --comment "kproxy forwarding rules" -m mark --mark {mark} -j ACCEPT')
-    forward.append(
-        f'-A {names.FORWARD} -m comment --comment "kproxy forwarding conntrack rule" '
-        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
-    )
     filt: dict[str, tuple[str, ...]] = {
         names.SERVICES: (
             f'-A {names.SERVICES} -m comment --comment "kproxy services without endpoints" '
@@ -642,7 +635,10 @@ def _iptables(ctx: NodeContext, acc: _Acc) -> ipt.Ruleset:
             f'-A {names.NODEPORTS} -m comment --comment "kproxy health check node ports" '
             f"-m tcp -p tcp {ms(SET_HEALTH_CHECK, 'dst')} -j ACCEPT",
         ),
-        names.FORWARD: tuple(forward),
+        names.FORWARD: fixed.forward,
+        # The iptables mode's route_localnet guard (CVE-2020-8558), kept under the same condition:
+        # route_localnet may still be 1 from it, and that mode finds its chain where it left it.
+        **fixed.localnet,
     }
     mangle: dict[str, tuple[str, ...]] = {
         PROXY_FIREWALL: (
@@ -654,16 +650,7 @@ def _iptables(ctx: NodeContext, acc: _Acc) -> ipt.Ruleset:
             f'-A {SOURCE_RANGES} -m comment --comment "kproxy loadBalancerSourceRanges" -j DROP',
         ),
     }
-    jumps = JUMPS
-    if ctx.family is IPFamily.V4 and ctx.localhost_nodeports:
-        # The iptables mode's route_localnet guard (CVE-2020-8558), kept under the same condition:
-        # route_localnet may still be 1 from it, and that mode finds its chain where it left it.
-        filt[names.LOCALNET_FIREWALL] = (
-            f'-A {names.LOCALNET_FIREWALL} -m comment --comment "block incoming localnet connections" '
-            "-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
-        )
-        jumps = JUMPS + ipt.LOCALNET_JUMPS
-    return ipt.Ruleset(tables={MANGLE: mangle, FILTER: filt, NAT: nat}, jumps=jumps, ctx=ctx)
+    return ipt.Ruleset(tables={MANGLE: mangle, FILTER: filt, NAT: nat}, jumps=JUMPS + fixed.localnet_jumps, ctx=ctx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -671,6 +658,14 @@ def _iptables(ctx: NodeContext, acc: _Acc) -> ipt.Ruleset:
 
 
 RestorePlan = ipt.RestorePlan
+
+
+def present_jumps(saved_jumps: Mapping[str, list[str]]) -> dict[str, set[tuple[str, str]]]:
+    """(built-in chain, target) of each jump rule as iptables-save prints it, per table."""
+    return {
+        table: {(r.split(" ", 2)[1], r.rsplit("-j ", 1)[1].split(" ", 1)[0]) for r in rules}
+        for table, rules in saved_jumps.items()
+    }
 
 
 def iptables_plan(
@@ -683,211 +678,5 @@ def iptables_plan(
     owning only this proxier's chains (`is_proxier_chain`, never hostPort's or the canary) and
     removing jumps to them that we no longer want (`saved_jumps`: the built-in chains' rules
     as iptables-save prints them), which is what switching from the iptables mode leaves."""
-    present = None
-    if saved_jumps is not None:
-        present = {
-            table: {(r.split(" ", 2)[1], r.rsplit("-j ", 1)[1].split(" ", 1)[0]) for r in rules}
-            for table, rules in saved_jumps.items()
-        }
+    present = None if saved_jumps is None else present_jumps(saved_jumps)
     return ipt.plan(desired, applied, saved_chains, present, owned=is_proxier_chain, saved_jump_rules=saved_jumps)
-
-
-@dataclass(frozen=True, slots=True)
-class KernelSet:
-    """An ipset as `ipset save` shows it."""
-
-    name: str
-    type: str
-    family: str  # "inet", "inet6" or "" (bitmap types)
-    maxelem: int
-    entries: frozenset[str]
-
-
-@dataclass(frozen=True)
-class IpsetPlan:
-    # `ipset restore` input run before iptables (creates, adds, deletes, rebuild-and-swap) ...
-    text: str
-    # ... and after it, once no rule references them any more.
-    destroy: tuple[str, ...]
-    added: int
-    removed: int
-    rebuilt: tuple[str, ...]
-
-    @property
-    def empty(self) -> bool:
-        return not self.text and not self.destroy
-
-
-def ipset_plan(desired: Mapping[str, IpSet], existing: Mapping[str, KernelSet], family: IPFamily) -> IpsetPlan:
-    """What turns the owned sets of `existing` into `desired`.
-
-    A set is changed in place (adds, then deletes) unless its header differs (size) or most of it
-    changes: then it is rebuilt in a temporary set and swapped in, so no packet ever sees it half
-    filled. Owned sets nobody wants are destroyed after iptables stops referring to them.
-    """
-    lines: list[str] = []
-    added = removed = 0
-    rebuilt: list[str] = []
-    for name in sorted(desired):
-        want = desired[name]
-        have = existing.get(name)
-        if have is None:
-            lines.append(want.create_line())
-            lines.extend(f"add {name} {e}" for e in sorted(want.entries, key=_entry_sort_key))
-            added += len(want.entries)
-            continue
-        if have.type != want.type:
-            raise ValueError(
-                f"ipset {name} is a {have.type}, kproxy needs a {want.type}: run `kproxy cleanup --mode ipvs` first"
-            )
-        fam = "" if want.type.startswith("bitmap") else ("inet" if family is IPFamily.V4 else "inet6")
-        add = want.entries - have.entries
-        rem = have.entries - want.entries
-        header_ok = (have.family in ("", fam)) and (fam == "" or have.maxelem == want.maxelem)
-        if header_ok and len(add) + len(rem) <= max(len(want.entries), 16):
-            lines.extend(f"add {name} {e}" for e in sorted(add, key=_entry_sort_key))
-            lines.extend(f"del {name} {e}" for e in sorted(rem, key=_entry_sort_key))
-            added, removed = added + len(add), removed + len(rem)
-            continue
-        tmp = tmp_set_name(name, family)
-        if tmp in existing:
-            lines.append(f"destroy {tmp}")
-        lines.append(want.create_line(tmp))
-        lines.extend(f"add {tmp} {e}" for e in sorted(want.entries, key=_entry_sort_key))
-        lines.append(f"swap {tmp} {name}")
-        lines.append(f"destroy {tmp}")
-        rebuilt.append(name)
-        added, removed = added + len(add), removed + len(rem)
-    destroy = tuple(sorted(n for n in existing if n not in desired and owns_set(n, family)))
-    return IpsetPlan("\n".join(lines) + "\n" if lines else "", destroy, added, removed, tuple(rebuilt))
-
-
-@dataclass(frozen=True, slots=True)
-class KernelDest:
-    ip: str
-    port: int
-    weight: int
-    fwd: int = FWD_MASQ
-    active: int = 0
-    inactive: int = 0
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.ip, self.port)
-
-    @property
-    def connections(self) -> int:
-        return self.active + self.inactive
-
-
-@dataclass(frozen=True, slots=True)
-class KernelService:
-    protocol: Protocol
-    ip: str
-    port: int
-    scheduler: str
-    flags: int
-    timeout: int
-    dests: tuple[KernelDest, ...] | None = None  # None: not read this time
-
-    @property
-    def key(self) -> VSKey:
-        return (self.protocol, self.ip, self.port)
-
-    @property
-    def addr(self) -> str:
-        return _fmt_addr(self.ip, self.port)
-
-
-@dataclass(frozen=True, slots=True)
-class IpvsOp:
-    """One netlink write: `op` is add/update/delete of a service or a dest (real server)."""
-
-    op: str  # "add_service", "update_service", "delete_service", "add_dest", "update_dest", "delete_dest"
-    vs: VirtualServer
-    rs: RealServer | None = None
-
-    def __str__(self) -> str:
-        what = f"{self.vs.protocol.value} {self.vs.addr}"
-        return f"{self.op} {what}" + (f" -> {self.rs.addr} weight {self.rs.weight}" if self.rs else "")
-
-
-@dataclass(frozen=True)
-class IpvsPlan:
-    # Service and real-server additions and updates: applied before the addresses are bound.
-    early: tuple[IpvsOp, ...]
-    # Deletions of services nobody wants: applied after the addresses are unbound.
-    late: tuple[IpvsOp, ...]
-    # (VS, real server) pairs left at weight 0 until their connections drain.
-    draining: tuple[tuple[VSKey, tuple[str, int]], ...]
-
-    @property
-    def ops(self) -> tuple[IpvsOp, ...]:
-        return self.early + self.late
-
-
-def kernel_as_vs(ks: KernelService) -> VirtualServer:
-    return VirtualServer(ks.protocol, ks.ip, ks.port, ks.scheduler, ks.flags & ~SVC_F_HASHED, ks.timeout)
-
-
-def ipvs_plan(
-    desired: Mapping[VSKey, VirtualServer],
-    current: Mapping[VSKey, KernelService],
-    owned: Iterable[VSKey],
-) -> IpvsPlan:
-    """Netlink writes turning `current` into `desired`.
-
-    `owned`: the current VS keys this proxier may delete. A real server the VS no longer wants is
-    deleted at once if it has no connections or is UDP/SCTP (their "connections" are timers, and a
-    client must not keep sending into a gone pod); a TCP one with connections is set to weight 0 so
-    that no new connection picks it while the open ones finish (upstream's graceful termination),
-    and deleted by a later plan once ActiveConn + InActConn reach 0. A VS whose dests were not
-    read (`dests` None) is taken to hold exactly what it should.
-    """
-    early: list[IpvsOp] = []
-    late: list[IpvsOp] = []
-    draining: list[tuple[VSKey, tuple[str, int]]] = []
-    for key in sorted(desired, key=lambda k: vs_sort_key(desired[k])):
-        want = desired[key]
-        have = current.get(key)
-        if have is None:
-            early.append(IpvsOp("add_service", want))
-            early.extend(IpvsOp("add_dest", want, rs) for rs in want.real_servers)
-            continue
-        if not want.same_settings(have.scheduler, have.flags, have.timeout):
-            early.append(IpvsOp("update_service", want))
-        if have.dests is None:
-            continue
-        dests = {d.key: d for d in have.dests}
-        for rs in want.real_servers:
-            d = dests.get(rs.key)
-            if d is None:
-                early.append(IpvsOp("add_dest", want, rs))
-            elif d.weight != rs.weight or d.fwd != FWD_MASQ:
-                early.append(IpvsOp("update_dest", want, rs))
-        wanted = {rs.key for rs in want.real_servers}
-        for d in have.dests:
-            if d.key in wanted:
-                continue
-            gone = RealServer(d.ip, d.port, 0)
-            if want.protocol is Protocol.TCP and d.connections > 0:
-                if d.weight != 0:
-                    early.append(IpvsOp("update_dest", want, gone))
-                draining.append((key, d.key))
-            else:
-                early.append(IpvsOp("delete_dest", want, gone))
-    own = set(owned)
-    for key in sorted(own - set(desired), key=lambda k: (k[0].value, k[1], k[2])):
-        if key in current:
-            late.append(IpvsOp("delete_service", kernel_as_vs(current[key])))
-    return IpvsPlan(tuple(early), tuple(late), tuple(draining))
-
-
-@lru_cache(maxsize=64)
-def _net(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    return ipaddress.ip_network(cidr, strict=False)
-
-
-def in_cidrs(ip: str, cidrs: Iterable[str]) -> bool:
-    addr = ipaddress.ip_address(ip)
-    return any(addr.version == _net(c).version and addr in _net(c) for c in cidrs)

@@ -7,13 +7,18 @@ programs one proxier per IP family of the kernel: an `IptablesProxier`, or in th
 
 - **Nothing is programmed before every resource has been listed once.** Until then no sync runs,
   so a daemon that cannot reach the API server leaves the rules it found exactly as they are.
+- **Drift is repaired within one sync period.** One sync per sync period (due a period after the
+  last one started, however many partial syncs came between: `runner.run_by`) is a *verifying*
+  sync: it lists our chains with their rule counts and our jumps, and holds them against what was
+  last written. A chain someone flushed, deleted, or added rules to or deleted rules from, and a
+  jump someone removed, are written again in that same sync, logged (``rules_tampered``, naming
+  each) and counted (``kproxy_rules_tampered_total{kind}``). Other partial syncs read nothing
+  back: at scale the listing costs more than the write (docs/benchmarks.md). The canary chain
+  (`KPROXY-PROXY-CANARY`, in mangle, nat and filter, with one inert rule), as upstream's, is
+  checked once per sync period too; a missing canary brings a full sync at once.
 - **Full syncs** happen first, after a failed sync, after this node's topology labels changed, and
-  when someone else deleted or flushed our rules: the canary chain (`KPROXY-PROXY-CANARY`, in
-  mangle, nat and filter, with one inert rule) is checked once per sync period, and every sync's
-  own chain listing is checked for a missing canary or missing jumps from the built-in chains
-  (then a full sync follows at once). Every other sync is partial: it writes only the chains whose
-  rules changed; a chain someone deleted is rewritten either way. So rules removed by hand are
-  back within one sync period (plus the minimum sync interval).
+  when the canary is gone. Every other sync is partial: it writes only the chains whose rules
+  changed or drifted, and nothing at all when neither happened.
 - **The IPVS mode** also syncs in full once per sync period ("periodic"), as upstream's IPVS mode
   syncs every time: a real server, ipset entry or address someone removed by hand is only seen
   by a full read. Partial syncs read the virtual server list and the real servers of what
@@ -37,23 +42,30 @@ programs one proxier per IP family of the kernel: an `IptablesProxier`, or in th
   --config file changes, so the DaemonSet restarts it with the edited ConfigMap.
 - **SIGTERM** (`stop`) lets the sync in progress finish, stops the watches and servers, and leaves
   every rule in place so traffic keeps flowing through a rolling upgrade.
+- **Stale UDP conntrack flows** are deleted after the first sync and after every sync in which a
+  UDP Service port or its endpoints changed (`conntrack.clean_stale_udp`, the same driver and
+  rule as `kproxy sync`, in both modes); a cleanup that failed is logged and retried after the
+  next sync.
 - **One log line per sync**: ``sync_complete`` with kind (full/partial), services, endpoints,
   changed, render_ms, apply_ms (or ``sync_failed``).
+
+Why one module of ~680 lines: the daemon's guarantees (first list before any sync, full and verifying
+syncs, drift, the canary, failures, mode switches) are one state machine over one lock and one
+runner; split, its invariants would be spread over modules that each hold half of its state.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
 
-from kproxy import conntrack as ct_policy
+from kproxy import modes as registry
 from kproxy.backends.conntrack import Conntrack
 from kproxy.backends.iptables import (
     CANARY_CHAIN,
@@ -63,48 +75,28 @@ from kproxy.backends.iptables import (
     detect_variant,
     ensure_canary,
 )
+from kproxy.backends.protocols import ConntrackBackend, IptablesBackend
 from kproxy.config import RunConfig
+from kproxy.conntrack import clean_stale_udp
+from kproxy.daemon.health import ProxyHealth, ServiceHealthServers, serve_health
 from kproxy.errors import BackendError, KproxyError
 from kproxy.families import kernel_families
-from kproxy.health import ProxyHealth, ServiceHealthServers, serve_health
 from kproxy.httpd import HTTPServer
 from kproxy.metrics import ProxyMetrics
 from kproxy.metrics import serve as serve_metrics
-from kproxy.model import IPFamily, Node, family_of
-from kproxy.proxier import ipvs as pv
-from kproxy.proxier.base import FamilyView, node_context
-from kproxy.proxier.context import NodeContext
-from kproxy.proxier.iptables import JUMPS
-from kproxy.proxier.iptables_proxier import IptablesProxier
+from kproxy.model import IPFamily, Node
+from kproxy.modes import Proxier, SyncOutcome
+from kproxy.node import NodeContext
+from kproxy.proxier.loop import sync_families
 from kproxy.runner import BoundedFrequencyRunner, Clock, MonotonicClock
 from kproxy.tracker import ChangeTrackers, Checkout
+from kproxy.view import FamilyView, node_context, with_primary_ip
 from kproxy.views import IncrementalView
 
 log = structlog.get_logger(__name__)
 
 Obj = dict[str, Any]
 RESOURCES = ("services", "endpointslices", "nodes")
-
-
-Jump = tuple[str, str, str, str, str]
-
-
-class SyncOutcome(Protocol):
-    """What the daemon reads of a proxier's sync result (both modes' results have it)."""
-
-    full: bool
-    services: int
-    endpoints: int
-    render_seconds: float
-    apply_seconds: float
-    no_local_internal: int
-    no_local_external: int
-
-    def log_fields(self) -> dict[str, int]: ...
-
-
-class Proxier(Protocol):
-    def sync(self, view: FamilyView, ctx: NodeContext, *, full: bool = False) -> SyncOutcome: ...
 
 
 class Host(Protocol):
@@ -140,16 +132,15 @@ class CanaryHidden:
     The plan garbage-collects every ``KPROXY-`` chain it did not render; the canary is ours too,
     but it belongs to the daemon, not to the rendered ruleset, and must survive every sync.
 
-    It also reads, for free, what every sync's listing says about tampering: once our rules are
-    known to be in place (`expect_intact`), a missing canary chain (someone ran ``-X``) or a
-    missing jump from a built-in chain (someone flushed the table with ``-F``) sets `tampered`.
-    A partial sync cannot repair a flushed chain whose name still exists; the daemon follows up
-    with a full one at once instead of waiting for the periodic canary check.
+    It also reads, for free, what every sync's listing says of the canary: once our rules are
+    known to be in place (`expect_intact`), a missing canary chain (someone ran ``-X`` on the
+    table) sets `tampered`, and the daemon follows up with a full sync at once instead of waiting
+    for the periodic canary check. Everything else a listing shows astray (our chains' rule
+    counts, our jumps) the proxier repairs in the same sync.
     """
 
-    def __init__(self, inner: Any, jumps: tuple[Jump, ...] = JUMPS) -> None:
+    def __init__(self, inner: IptablesBackend) -> None:
         self.inner = inner
-        self.jumps = jumps
         self.family = inner.family
         self.variant = inner.variant
         self.expect_intact = False
@@ -157,64 +148,44 @@ class CanaryHidden:
 
     def save(self, tables: tuple[str, ...] = ("filter", "nat"), prefixes: tuple[str, ...] = ("KPROXY-",)) -> SavedState:
         saved = self.inner.save(tables, prefixes)
-        if self.expect_intact and _tampered(saved, tables, self.jumps):
+        if self.expect_intact and _canary_gone(saved, tables):
             self.tampered = True
         chains = {t: names - {CANARY_CHAIN} for t, names in saved.chains.items()}
-        return SavedState(chains, saved.jumps, saved.jump_rules)
+        counts = {t: {c: n for c, n in found.items() if c != CANARY_CHAIN} for t, found in saved.rule_counts.items()}
+        return SavedState(chains, saved.jumps, saved.jump_rules, counts)
 
     def restore(self, text: str) -> None:
         self.inner.restore(text)
 
 
-def _tampered(saved: SavedState, tables: tuple[str, ...], expected: tuple[Jump, ...]) -> bool:
-    for table in tables:
-        if CANARY_CHAIN not in saved.chains.get(table, {CANARY_CHAIN}):
-            return True
-        jumps = saved.jumps.get(table, set())
-        if any((builtin, target) not in jumps for t, builtin, _, target, _ in expected if t == table):
-            return True
-    return False
-
-
-def iptables_mode(listing: CanaryHidden) -> Proxier:
-    # Conntrack cleanup is the daemon's (only when UDP endpoints changed), not the proxier's.
-    return IptablesProxier(listing, None)  # type: ignore[arg-type]
+def _canary_gone(saved: SavedState, tables: tuple[str, ...]) -> bool:
+    return any(CANARY_CHAIN not in saved.chains.get(table, {CANARY_CHAIN}) for table in tables)
 
 
 @dataclass
 class FamilyPlane:
     """The data plane of one IP family: its iptables (real or fake), conntrack, the canary, and
-    the mode's proxier, built by `make_proxier` over the canary-hiding view of that iptables."""
+    the mode's proxier, built over the canary-hiding view of that iptables by `make_proxier`, or
+    by the configured mode (the registry's) when that is not given."""
 
     family: IPFamily
-    iptables: Any  # Iptables, or kproxy.testing.fakeiptables.FakeIptables
-    conntrack: Conntrack | None = None
-    canary_check: Callable[[Any], bool] = canary_intact
-    canary_create: Callable[[Any], None] = ensure_canary
-    make_proxier: Callable[[CanaryHidden], Proxier] = iptables_mode
-    # The jumps from built-in chains whose absence means our rules were flushed.
-    jumps: tuple[Jump, ...] = JUMPS
+    iptables: IptablesBackend
+    conntrack: ConntrackBackend | None = None
+    canary_check: Callable[[IptablesBackend], bool] = canary_intact
+    canary_create: Callable[[IptablesBackend], None] = ensure_canary
+    make_proxier: Callable[[CanaryHidden], Proxier] | None = None
     proxier: Proxier = field(init=False)
     listing: CanaryHidden = field(init=False)
 
     def __post_init__(self) -> None:
-        self.listing = CanaryHidden(self.iptables, self.jumps)
-        self.proxier = self.make_proxier(self.listing)
+        self.listing = CanaryHidden(self.iptables)
+        if self.make_proxier is not None:
+            self.proxier = self.make_proxier(self.listing)
 
 
-def real_planes(cfg: RunConfig, variant: str) -> dict[IPFamily, FamilyPlane]:
-    """One plane per IP family of this kernel, in the configured mode."""
-    if cfg.proxy.mode != "ipvs":
-        return {f: FamilyPlane(f, Iptables(f, variant), Conntrack(f)) for f in kernel_families()}
-    from kproxy.proxier.ipvs_proxier import real_ipvs_proxier
-
-    def ipvs_mode(family: IPFamily) -> Callable[[CanaryHidden], Proxier]:
-        return lambda listing: real_ipvs_proxier(family, cfg.ipvs, listing, None)
-
-    return {
-        f: FamilyPlane(f, Iptables(f, variant), Conntrack(f), make_proxier=ipvs_mode(f), jumps=pv.JUMPS)
-        for f in kernel_families()
-    }
+def real_planes(variant: str) -> dict[IPFamily, FamilyPlane]:
+    """One plane per IP family of this kernel; the daemon gives each its mode's proxier."""
+    return {f: FamilyPlane(f, Iptables(f, variant), Conntrack(f)) for f in kernel_families()}
 
 
 class Daemon:
@@ -237,6 +208,10 @@ class Daemon:
         # Once the first sync's rules are in place: what another mode left behind is removed.
         self._after_first_sync = after_first_sync
         self.planes = dict(planes)
+        mode = registry.MODES[cfg.proxy.mode]
+        for family, plane in self.planes.items():
+            if plane.make_proxier is None:
+                plane.proxier = mode.load().proxier(family, cfg, plane.listing)
         self._client_configuration = client_configuration
         self._host: Host = host if host is not None else RealHost()
         self.metrics = metrics if metrics is not None else ProxyMetrics()
@@ -266,10 +241,12 @@ class Daemon:
         self._need_full = True
         self._tamper_follow_up = False
         self._first_done = False
+        # Stale UDP flows are looked for after the first sync and after UDP changes, until found.
         self._conntrack_pending = True
         self._pending_triggers: list[float] = []
         self._next_canary_check = 0.0
-        self._full_every_period = p.mode == "ipvs"
+        self._next_verify = 0.0
+        self._full_every_period = mode.periodic_full
         self._next_periodic_full = 0.0
         self._reflectors: list[Any] = []
         self._servers: list[HTTPServer] = []
@@ -461,16 +438,16 @@ class Daemon:
         node = snap.state.nodes.get(self.cfg.proxy.node_name)
         reason = self._full_sync_reason(snap)
         full = bool(reason)
+        now = self._clock.now()
+        verify = full or now >= self._next_verify
         # Every family's view takes this checkout's changes before any family syncs: a failure
         # half-way must not leave a view behind the trackers.
         views = {f: v.update(snap.state, snap.changed, snap.slices_by_service) for f, v in self._views.items()}
         contexts = {f: self._context(f, node) for f in self.planes}
-        results: list[SyncOutcome] = []
+        jobs = {f: (plane.proxier, views[f], contexts[f]) for f, plane in self.planes.items()}
         try:
-            for family, plane in self.planes.items():
-                results.append(plane.proxier.sync(views[family], contexts[family], full=full))
-                self.health.updated(family)
-            if full:
+            results = list(sync_families(jobs, full=full, verify=verify, synced=self.health.updated).values())
+            if full and reason != "periodic":  # a periodic read-back found the canary in place
                 for plane in self.planes.values():
                     plane.canary_create(plane.iptables)
                     plane.listing.expect_intact = True
@@ -482,7 +459,11 @@ class Daemon:
             self._leave_other_mode()
         if full:
             self._next_periodic_full = self._clock.now() + self.cfg.proxy.sync_period
+        if verify:
+            self._next_verify = now + self.cfg.proxy.sync_period
+        self.runner.run_by(self._next_verify)
         self._after_sync(snap, views, contexts)
+        self._report_repairs(results)
         self._observe(results, snap, started, full, reason)
         self._follow_up_if_tampered(full)
         return True
@@ -498,12 +479,21 @@ class Daemon:
         if removed:
             log.info("other_mode_cleaned_up", removed=removed)
 
+    def _report_repairs(self, results: list[SyncOutcome]) -> None:
+        for family, result in zip(self.planes, results, strict=True):
+            if not result.repairs:
+                continue
+            for repair in result.repairs:
+                self.metrics.rules_tampered.labels(repair.kind).inc()
+            log.warning("rules_tampered", family=int(family), repaired=[r.what for r in result.repairs])
+
     def _follow_up_if_tampered(self, full: bool) -> None:
         tampered = [p.family for p in self.planes.values() if p.listing.tampered]
         for plane in self.planes.values():
             plane.listing.tampered = False
         if tampered and not full:  # a full sync has just rewritten everything anyway
-            log.warning("rules_tampered", families=[int(f) for f in tampered], chain=CANARY_CHAIN)
+            log.warning("rules_tampered", families=[int(f) for f in tampered], repaired=[f"{CANARY_CHAIN} deleted"])
+            self.metrics.rules_tampered.labels("canary").inc(len(tampered))
             self._need_full = True
             self._tamper_follow_up = True
             self.runner.run()
@@ -525,10 +515,7 @@ class Daemon:
 
     def _context(self, family: IPFamily, node: Node | None) -> NodeContext:
         ctx = node_context(self.cfg.proxy, family, node, self._host.local_addresses(family))
-        bind = self.cfg.bind_address
-        if bind and family_of(bind) == family and not ipaddress.ip_address(bind).is_unspecified:
-            ctx = replace(ctx, node_ip=bind)  # --bind-address: the node's primary IP, as upstream
-        return ctx
+        return with_primary_ip(ctx, self.cfg.bind_address)
 
     def _canary_missing(self) -> bool:
         now = self._clock.now()
@@ -584,12 +571,9 @@ class Daemon:
         for family, plane in self.planes.items():
             if plane.conntrack is None:
                 continue
-            ctx, view = contexts[family], views[family]
-            local = ctx.nodeport_ips if ctx.nodeport_ips is not None else ctx.local_ips
             try:
-                stale = ct_policy.stale_flows(plane.conntrack.list(), view.ports, view.endpoints, local)
-                if stale:
-                    deleted = plane.conntrack.delete(stale)
+                deleted = clean_stale_udp(plane.conntrack, views[family], contexts[family])
+                if deleted:
                     log.info("conntrack_cleaned", family=int(family), deleted=deleted)
             except BackendError as e:
                 ok = False
@@ -674,16 +658,15 @@ def build_daemon(cfg: RunConfig, **options: Any) -> Daemon:
     if cfg.master:
         configuration.host = cfg.master
     variant = cfg.proxy.iptables_backend or detect_variant()
-    leave = None
-    if cfg.proxy.mode == "iptables":
-        from kproxy.ipvs_mode import leave_ipvs_mode
 
-        def leave() -> str | None:
-            return leave_ipvs_mode(variant)
+    def leave() -> str | None:
+        # Each other mode removes what only it used; the new mode's sync replaced the rest.
+        found = [s for other in registry.others(cfg.proxy.mode) if (s := other.load().leave(variant))]
+        return "; ".join(found) or None
 
     return Daemon(
         cfg,
-        real_planes(cfg, variant),
+        real_planes(variant),
         configuration,
         metrics=ProxyMetrics(process=True),
         after_first_sync=leave,

@@ -1,0 +1,1 @@
+"""The command line: `kproxy` and its commands (click)."""

@@ -1,0 +1,1 @@
+"""`kproxy run`: the daemon's wiring and life cycle, health checks."""

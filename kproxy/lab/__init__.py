@@ -1,0 +1,1 @@
+"""The network-namespace lab behind `make demo` and the kernel tests."""

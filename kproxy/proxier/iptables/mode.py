@@ -1,0 +1,96 @@
+"""The iptables mode behind the registry: its proxier for the daemon, `kproxy sync`, `kproxy trace`.
+
+Backends are imported inside the functions, so that registering the mode costs nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from kproxy.errors import BackendError
+from kproxy.model import IPFamily
+
+if TYPE_CHECKING:
+    from kproxy.config import RunConfig
+    from kproxy.model import ClusterState
+    from kproxy.proxier.iptables.proxier import IptablesProxier
+
+
+def family_name(family: IPFamily) -> str:
+    return "IPv4" if family is IPFamily.V4 else "IPv6"
+
+
+def node_variant(cfg: RunConfig, dry_run: bool) -> str:
+    """The iptables backend to write to: the configured one, else the node's. A dry run writes
+    nothing, so without rights to read the node's it shows the nft form."""
+    from kproxy.backends.iptables import detect_variant
+
+    if cfg.proxy.iptables_backend:
+        return cfg.proxy.iptables_backend
+    try:
+        return detect_variant()
+    except BackendError:
+        if dry_run:
+            return "nft"
+        raise
+
+
+class IptablesMode:
+    def proxier(self, family: IPFamily, cfg: RunConfig, iptables: Any) -> IptablesProxier:
+        from kproxy.proxier.iptables.proxier import IptablesProxier
+
+        return IptablesProxier(iptables)
+
+    def sync_once(self, cfg: RunConfig, state: ClusterState, *, dry_run: bool) -> str:
+        from kproxy.backends.conntrack import Conntrack
+        from kproxy.backends.host import local_addresses
+        from kproxy.backends.iptables import Iptables
+        from kproxy.families import kernel_families
+        from kproxy.proxier.iptables.proxier import IptablesProxier
+        from kproxy.proxier.loop import sync_once
+        from kproxy.view import family_view, node_context, with_primary_ip
+
+        node = state.nodes.get(cfg.proxy.node_name)
+        variant = node_variant(cfg, dry_run)
+        jobs = {
+            family: (
+                IptablesProxier(Iptables(family, variant)),
+                family_view(state, family),
+                with_primary_ip(node_context(cfg.proxy, family, node, local_addresses(family)), cfg.bind_address),
+            )
+            for family in kernel_families()
+        }
+
+        def header(family: IPFamily) -> str:
+            return f"# {family_name(family)}: iptables-restore --noflush input ({variant} backend)"
+
+        return sync_once(jobs, dry_run=dry_run, header=header, conntrack=Conntrack)
+
+    def trace(
+        self,
+        cfg: RunConfig,
+        state: ClusterState,
+        family: IPFamily,
+        host: tuple[str, ...],
+        packet: tuple[str, str, int, str, str],
+    ) -> list[str]:
+        from kproxy.proxier.iptables import render as ipt
+        from kproxy.proxier.iptables.trace import Tracer
+        from kproxy.view import family_view, node_context, with_primary_ip
+
+        node = state.nodes.get(cfg.proxy.node_name)
+        ctx = with_primary_ip(node_context(cfg.proxy, family, node, host), cfg.bind_address)
+        view = family_view(state, family)
+        ruleset = ipt.render(view.ports, view.endpoints, ctx)
+        return Tracer(ruleset, ctx.local_ips).trace(*packet).explain()
+
+    def cleanup(self, upstream: bool) -> str | None:
+        return None  # its chains are all `KPROXY-` chains, which cleanup removes for every mode
+
+    def leave(self, variant: str) -> str | None:
+        # Every chain it writes is one the other modes write too, or a Service chain their first
+        # full sync garbage-collects (names.is_service_chain): nothing is left to remove.
+        return None
+
+
+MODE = IptablesMode()

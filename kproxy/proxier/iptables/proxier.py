@@ -1,0 +1,138 @@
+"""Drives the iptables mode of one IP family: render, plan, one transaction.
+
+It remembers what its last successful transaction wrote, so the next sync writes only the
+chains that changed. Any failure forgets it, so the next sync is full, as upstream.
+
+A full sync, and a partial one asked to `verify`, read the listing (chain names, rule counts of
+our chains, our jumps) and hold it against what was last written: a chain someone flushed,
+deleted or edited, or a jump someone removed, is written again in that same sync and reported
+in `SyncResult.repairs`. Other partial syncs read nothing: they trust what they wrote (the
+daemon verifies once per sync period; reading costs more than writing one chain at scale, see
+docs/benchmarks.md). A sync that finds nothing changed and no drift writes nothing.
+
+Stale UDP conntrack flows are not the proxier's: the command or the daemon deletes them after
+the sync (kproxy/conntrack.py, `clean_stale_udp`), in every mode alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+from kproxy.backends.host import set_sysctl
+from kproxy.backends.iptables import SavedState
+from kproxy.backends.protocols import IptablesBackend
+from kproxy.errors import BackendError
+from kproxy.model import ServicePortName
+from kproxy.node import NodeContext
+from kproxy.proxier.iptables import render as ipt
+from kproxy.proxier.result import SyncResult as BaseResult
+from kproxy.view import FamilyView, Repair, needs_route_localnet
+
+
+@dataclass
+class SyncResult(BaseResult):
+    written: dict[str, int] = field(default_factory=dict)
+    deleted: dict[str, int] = field(default_factory=dict)
+
+    def log_fields(self) -> dict[str, int]:
+        """What this sync wrote, for the daemon's ``sync_complete`` line."""
+        return {"written": sum(self.written.values()), "deleted": sum(self.deleted.values())}
+
+    def summary(self) -> str:
+        """One line for `kproxy sync`."""
+        name = "IPv4" if self.family == 4 else "IPv6"
+        return (
+            f"{name}: {self.services} service ports, {self.endpoints} endpoints; "
+            f"wrote {sum(self.written.values())} chains, deleted {sum(self.deleted.values())}; "
+            f"render {self.render_seconds * 1000:.1f} ms, apply {self.apply_seconds * 1000:.1f} ms"
+            + (f"; {self.conntrack_deleted} stale UDP flows deleted" if self.conntrack_deleted else "")
+        )
+
+
+class IptablesProxier:
+    def __init__(self, iptables: IptablesBackend) -> None:
+        self.iptables = iptables
+        self._last: ipt.Ruleset | None = None
+        self._applied: dict[str, ipt.Chains] | None = None
+
+    def force_full(self) -> None:
+        self._last = None
+        self._applied = None
+
+    def render(
+        self, view: FamilyView, ctx: NodeContext, full: bool, changed: Collection[ServicePortName] | None = None
+    ) -> ipt.Ruleset:
+        if full:
+            return ipt.render(view.ports, view.endpoints, ctx)
+        return ipt.render(view.ports, view.endpoints, ctx, previous=self._last, changed=changed)
+
+    def sync(
+        self,
+        view: FamilyView,
+        ctx: NodeContext,
+        *,
+        full: bool = False,
+        dry_run: bool = False,
+        changed: Collection[ServicePortName] | None = None,
+        verify: bool = True,
+    ) -> SyncResult:
+        """One sync. `changed` (from the change trackers) names the only Service ports whose
+        objects changed since the last sync; None means "compare them all". A partial sync reads
+        the kernel's listing only with `verify`."""
+        full = full or self._applied is None
+        t0 = time.perf_counter()
+        desired = self.render(view, ctx, full, changed)
+        t1 = time.perf_counter()
+        saved: SavedState | None = None
+        existing: dict[str, set[str]] | None = None
+        jumps: dict[str, set[tuple[str, str]]] | None = None
+        if full or verify or dry_run:
+            try:
+                saved = self.iptables.save()
+                existing, jumps = saved.chains, saved.jumps
+            except BackendError:
+                if not dry_run:
+                    raise
+                jumps = {}  # a dry run without rights still shows the full payload
+        applied = None if full else self._applied
+        repairs: tuple[Repair, ...] = ()
+        if saved is not None and self._applied is not None and self._last is not None:
+            last_jumps = ((t, b, target) for t, b, _, target, _ in self._last.jumps)
+            rewrite, repairs = ipt.drift(self._applied, saved.chains, saved.rule_counts, last_jumps, saved.jumps)
+            if applied is not None and rewrite:
+                applied = ipt.without(applied, rewrite)
+        # Our jumps from built-in chains to chains this sync no longer renders (the localnet
+        # firewall once localhost NodePorts are turned off) go first: a chain still jumped to
+        # cannot be deleted, and the whole transaction would be refused.
+        restore = ipt.plan(
+            desired, applied, existing, jumps, saved_jump_rules=saved.jump_rules if saved is not None else None
+        )
+        result = SyncResult(
+            family=int(ctx.family),
+            full=full,
+            services=len(view.ports),
+            endpoints=sum(len(e) for e in view.endpoints.values()),
+            written=restore.written,
+            deleted=restore.deleted,
+            render_seconds=t1 - t0,
+            no_local_internal=sum(1 for r in desired.services.values() if r.no_local_internal),
+            no_local_external=sum(1 for r in desired.services.values() if r.no_local_external),
+            payload=restore.text,
+            repairs=repairs,
+        )
+        if dry_run:
+            return result
+        try:
+            if needs_route_localnet(ctx):
+                set_sysctl("net/ipv4/conf/all/route_localnet", "1")
+            if restore.text:
+                self.iptables.restore(restore.text)
+        except BackendError:
+            self.force_full()
+            raise
+        self._last = desired
+        self._applied = {t: dict(c) for t, c in desired.tables.items()}
+        result.apply_seconds = time.perf_counter() - t1
+        return result
