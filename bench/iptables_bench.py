@@ -1,7 +1,10 @@
-"""Benchmark the iptables mode: render, apply, partial sync after one endpoint change, memory.
+"""Benchmark the iptables mode: render, apply, partial sync after one endpoint change, memory,
+and what drift detection costs a sync.
 
 Each size runs in its own process (so peak RSS is that size's) and applies into its own
-throw-away network namespace. Results are written to a Markdown file; nothing is asserted.
+throw-away network namespace. Results are written to a Markdown file. No timing is asserted;
+the drift syncs are checked for what they must do (an idle sync writes nothing, a flushed chain
+is repaired), since a figure for a sync that did the wrong thing would mean nothing.
 
     python bench/iptables_bench.py --services 1000 10000 --out docs/benchmarks.md
 """
@@ -12,12 +15,20 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kproxy.node import NodeContext
+    from kproxy.view import FamilyView
 
 ENDPOINTS = 10
+# The drift figures are the median of this many runs (each is a fraction of a full sync).
+DRIFT_RUNS = 3
 
 
 def objects(n: int) -> list[dict]:
@@ -41,10 +52,10 @@ def run_one(n: int, variant: str, apply: bool) -> dict:
     from kproxy.backends.iptables import Iptables
     from kproxy.config import ProxyConfig
     from kproxy.model import IPFamily
-    from kproxy.proxier import iptables as ipt
-    from kproxy.proxier.base import family_view, node_context
+    from kproxy.proxier.iptables import render as ipt
     from kproxy.state import build_state
     from kproxy.testing.builders import endpoint, endpoint_slice
+    from kproxy.view import FamilyView, family_view, node_context
 
     objs = objects(n)
     cfg = ProxyConfig(node_name="node-0", cluster_cidrs=("10.0.0.0/8",))
@@ -105,8 +116,74 @@ def run_one(n: int, variant: str, apply: bool) -> dict:
         t = time.perf_counter()
         backend.restore(pplan.text)
         res["partial_apply_s"] = time.perf_counter() - t
+    # Before the drift syncs below, whose proxier holds a ruleset of its own: the column stays
+    # what one synced ruleset costs.
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if apply:
+        del full, partial, pplan, plan
+        res.update(drift_costs(FamilyView(ports, eps), ctx, variant))
     return res
+
+
+def drift_costs(view: FamilyView, ctx: NodeContext, variant: str) -> dict:
+    """What drift detection costs: the listing a verifying sync reads, an idle sync, a repair.
+
+    `IptablesProxier` as the daemon drives it: a full sync first, then partial syncs of the
+    same view (the daemon's view keeps unchanged Services' objects, so render compares them
+    by identity). An idle sync must write nothing and call iptables-restore not at all; after
+    `iptables -t nat -F KPROXY-SERVICES` the next sync must rewrite exactly that chain.
+    """
+    from kproxy.backends.iptables import Iptables
+    from kproxy.model import IPFamily
+    from kproxy.proxier.iptables.proxier import IptablesProxier
+
+    class Counting(Iptables):
+        restores = 0
+
+        def restore(self, text: str) -> None:
+            self.restores += 1
+            super().restore(text)
+
+    backend = Counting(IPFamily.V4, variant)
+    proxier = IptablesProxier(backend)
+    out: dict = {}
+    t = time.perf_counter()
+    proxier.sync(view, ctx, full=True)
+    out["sync_full_s"] = time.perf_counter() - t
+
+    listing, idle, idle_render, repair, repair_lines = [], [], [], [], []
+    for _ in range(DRIFT_RUNS):
+        t = time.perf_counter()
+        saved = backend.save()
+        listing.append(time.perf_counter() - t)
+        out["listed_chains"] = sum(len(c) for c in saved.chains.values())
+
+        before = backend.restores
+        t = time.perf_counter()
+        r = proxier.sync(view, ctx)
+        idle.append(time.perf_counter() - t)
+        idle_render.append(r.render_seconds)
+        if r.full or sum(r.written.values()) or sum(r.deleted.values()) or r.repairs or backend.restores != before:
+            raise RuntimeError(f"idle sync was not idle: written {r.written}, {backend.restores - before} restores")
+
+        flush = [f"iptables-{variant}", "-w", "10", "-t", "nat", "-F", "KPROXY-SERVICES"]
+        subprocess.run(flush, check=True, capture_output=True)
+        before = backend.restores
+        t = time.perf_counter()
+        r = proxier.sync(view, ctx)
+        repair.append(time.perf_counter() - t)
+        repair_lines.append(r.payload.count("\n"))
+        if not r.repairs or r.written.get("nat") != 1 or sum(r.written.values()) != 1 or backend.restores != before + 1:
+            raise RuntimeError(f"flush not repaired: repairs {r.repairs}, written {r.written}")
+        out["repairs"] = [x.what for x in r.repairs]
+    out["listing_s"] = statistics.median(listing)
+    out["idle_sync_s"] = statistics.median(idle)
+    out["idle_render_s"] = statistics.median(idle_render)
+    out["repair_sync_s"] = statistics.median(repair)
+    out["repair_lines"] = max(repair_lines)
+    out["drift_runs"] = {"listing_s": listing, "idle_sync_s": idle, "repair_sync_s": repair}
+    out["peak_rss_drift_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
 
 
 def child(args: argparse.Namespace) -> None:
@@ -131,8 +208,9 @@ def measure(n: int, variant: str, apply: bool) -> dict:
 def table(results: list[dict]) -> str:
     head = (
         "| Services × endpoints | backend | render (first / again) | plan (full) | apply (full) | restore lines "
-        "| partial render+plan | partial apply | partial lines (chains) | peak RSS |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        "| partial render+plan | partial apply | partial lines (chains) | peak RSS "
+        "| listing (filter+nat) | idle sync | flush repair |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for r in results:
@@ -141,9 +219,14 @@ def table(results: list[dict]) -> str:
         rows.append(
             f"| {r['services']:,} × {ENDPOINTS} | {r['variant']} | {r['render_cold_s']:.2f} s / {r['render_s']:.2f} s | "
             f"{r['plan_s']:.2f} s | {apply_s} | {r['restore_lines']:,} | {r['partial_render_s'] * 1000:.0f} ms | {papply} | "
-            f"{r['partial_lines']} ({r['partial_chains']}) | {r['peak_rss_mb']:.0f} MB |"
+            f"{r['partial_lines']} ({r['partial_chains']}) | {r['peak_rss_mb']:.0f} MB | "
+            f"{_ms(r.get('listing_s'))} | {_ms(r.get('idle_sync_s'))} | {_ms(r.get('repair_sync_s'))} |"
         )
     return head + "\n".join(rows) + "\n"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
 def main() -> None:

@@ -16,14 +16,20 @@ SERIES = (
     ("apply_s", "apply (full)", "#c44e52"),
     ("partial_render_s", "partial render+plan", "#8172b2"),
     ("partial_apply_s", "partial apply", "#ccb974"),
+    ("listing_s", "listing (drift check)", "#64b5cd"),
+    ("idle_sync_s", "idle sync", "#8c8c8c"),
+    ("repair_sync_s", "flush repair", "#da8bc3"),
 )
+LEGEND_ROW = 4  # legend entries per line
 LO, HI = 1e-3, 100.0  # seconds: the log axis runs from 1 ms to 100 s
 
 
 def svg(results: list[dict]) -> str:
     bar, gap, left, top, width = 14, 18, 190, 40, 520
     groups = len(results)
-    height = top + groups * (len(SERIES) * bar + gap) + 60
+    legend_rows = -(-len(SERIES) // LEGEND_ROW)
+    height = top + groups * (len(SERIES) * bar + gap) + 44 + 16 * legend_rows
+    axis = height - 16 * legend_rows - 28  # where the tick labels sit
 
     def x(seconds: float) -> float:
         s = min(max(seconds, LO), HI)
@@ -37,8 +43,8 @@ def svg(results: list[dict]) -> str:
     for tick in (1e-3, 1e-2, 1e-1, 1, 10, 100):
         tx = x(tick)
         label = f"{tick * 1000:g} ms" if tick < 1 else f"{tick:g} s"
-        out.append(f'<line x1="{tx:.1f}" y1="{top - 5}" x2="{tx:.1f}" y2="{height - 50}" stroke="#ddd"/>')
-        out.append(f'<text x="{tx:.1f}" y="{height - 36}" text-anchor="middle">{label}</text>')
+        out.append(f'<line x1="{tx:.1f}" y1="{top - 5}" x2="{tx:.1f}" y2="{axis - 14}" stroke="#ddd"/>')
+        out.append(f'<text x="{tx:.1f}" y="{axis}" text-anchor="middle">{label}</text>')
     y = top
     for r in results:
         out.append(f'<text x="8" y="{y + bar * 2}">{r["services"]:,} × 10, {r["variant"]}</text>')
@@ -52,10 +58,11 @@ def svg(results: list[dict]) -> str:
                 out.append(f'<text x="{x(r[key]) + 4:.1f}" y="{y + bar - 4}">{text}</text>')
             y += bar
         y += gap
-    lx = left
-    for _, label, colour in SERIES:
-        out.append(f'<rect x="{lx}" y="{height - 22}" width="10" height="10" fill="{colour}"/>')
-        out.append(f'<text x="{lx + 14}" y="{height - 13}">{label}</text>')
+    for i, (_, label, colour) in enumerate(SERIES):
+        if i % LEGEND_ROW == 0:
+            lx, ly = left, axis + 14 + 16 * (i // LEGEND_ROW)
+        out.append(f'<rect x="{lx}" y="{ly}" width="10" height="10" fill="{colour}"/>')
+        out.append(f'<text x="{lx + 14}" y="{ly + 9}">{label}</text>')
         lx += 14 + 7 * len(label) + 16
     out.append("</svg>")
     return "\n".join(out) + "\n"
