@@ -9,12 +9,14 @@ normalised the way upstream's ParseIPSloppy does (`172.30.0.041` is `172.30.0.41
 from __future__ import annotations
 
 import ipaddress
+import sys
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 from kproxy.errors import InvalidObject
 from kproxy.model import (
+    NO_NAMES,
     EndpointSlice,
     IPFamily,
     Node,
@@ -89,11 +91,24 @@ def _protocol(value: Any, ref: str, field: str) -> Protocol:
 def _meta(obj: Obj, kind: str) -> tuple[str, str, str]:
     meta = obj.get("metadata") or {}
     name = meta.get("name")
-    namespace = meta.get("namespace") or ("" if kind == "Node" else "default")
+    namespace = _shared(meta.get("namespace") or ("" if kind == "Node" else "default"))
     if not isinstance(name, str) or not name:
         raise InvalidObject(f"{kind} {namespace}/?", "metadata.name", "missing")
     ref = f"{kind} {name}" if kind == "Node" else f"{kind} {namespace}/{name}"
     return namespace, name, ref
+
+
+def _shared(text: Any) -> Any:
+    """One copy of a string repeated across many endpoints (node names, zones): at 100,000
+    endpoints the parser's separate copies cost megabytes."""
+    return sys.intern(text) if type(text) is str else text
+
+
+def _hint_names(hints: Any, key: str) -> frozenset[str]:
+    found = _list(hints, key) if isinstance(hints, Mapping) else []
+    if not found:
+        return NO_NAMES
+    return frozenset(_shared(h.get("name", "")) for h in found if isinstance(h, Mapping))
 
 
 def _list(obj: Obj, key: str) -> list[Any]:
@@ -289,10 +304,10 @@ def convert_slice(obj: Obj) -> EndpointSlice | None:
                 ready=ready,
                 serving=serving,
                 terminating=bool(cond.get("terminating")),
-                node_name=raw.get("nodeName") or "",
-                zone=raw.get("zone") or "",
-                zone_hints=frozenset(h.get("name", "") for h in _list(hints, "forZones")),
-                node_hints=frozenset(h.get("name", "") for h in _list(hints, "forNodes")),
+                node_name=_shared(raw.get("nodeName") or ""),
+                zone=_shared(raw.get("zone") or ""),
+                zone_hints=_hint_names(hints, "forZones"),
+                node_hints=_hint_names(hints, "forNodes"),
             )
         )
     trigger = (meta.get("annotations") or {}).get(TRIGGER_TIME_ANNOTATION)

@@ -69,3 +69,79 @@ def test_a_broken_json_file_is_an_input_error(tmp_path: Path) -> None:
     path.write_text('{"kind": "List", "items": [')
     with pytest.raises(InputError, match="not JSON"):
         list(iter_objects([path]))
+
+
+TRICKY_YAML = """\
+apiVersion: v1
+items:
+- apiVersion: v1
+  metadata: &meta
+    name: a
+    namespace: ns1
+    labels: {app: web, "on": "yes"}
+  spec:
+    ports:
+    - {port: 80, protocol: TCP, name: !!str 80}
+    clusterIP: 172.30.0.1
+    flags: [yes, no, on, off, ~, null, 0x1F, 1_000, 0o17, 1.5, .inf, 2001-12-14t21:59:43.10-05:00]
+- metadata:
+    <<: *meta
+    name: b
+  spec:
+    quoted: "80"
+    single: '00'
+    block: |
+      two
+      lines
+kind: ServiceList
+metadata:
+  resourceVersion: "42"
+"""
+
+
+def test_streamed_yaml_gives_what_pyyaml_gives(tmp_path: Path) -> None:
+    path = tmp_path / "state.yaml"
+    path.write_text(TRICKY_YAML)
+    expected = yaml.load(TRICKY_YAML, Loader=yaml.SafeLoader)["items"]
+    for item in expected:
+        item["kind"] = "Service"  # filled in from the ServiceList, which comes after the items
+    assert expected[1]["metadata"]["namespace"] == "ns1"  # the merge key did its work
+    for loader in (yaml.CSafeLoader, yaml.SafeLoader):
+        assert list(iter_objects([path], loader=loader)) == expected
+
+
+def test_streamed_json_gives_what_the_json_module_gives(tmp_path: Path) -> None:
+    doc = _as_list([service(name="a"), {"kind": "Node", "metadata": {"name": "n"}, "x": [1.5, None, True, "\u00e9"]}])
+    for text in (json.dumps(doc), json.dumps(doc, indent=4), json.dumps(list(doc["items"]))):
+        path = tmp_path / "state.json"
+        path.write_text(text)
+        assert list(iter_objects([path])) == doc["items"]
+
+
+def test_a_list_is_handed_over_before_the_rest_of_the_file_is_read(tmp_path: Path) -> None:
+    for name, text in (
+        ("state.json", '{"kind": "List", "items": [{"kind": "Node", "metadata": {"name": "n"}}, {"kind": oops'),
+        ("state.yaml", "kind: List\nitems:\n- kind: Node\n  metadata: {name: n}\n- kind: [oops\n"),
+    ):
+        path = tmp_path / name
+        path.write_text(text)
+        objects = iter_objects([path])
+        assert next(objects)["metadata"]["name"] == "n"  # before the parser met the broken item
+        with pytest.raises(InputError, match="not JSON" if name.endswith("json") else "not YAML"):
+            next(objects)
+
+
+def test_a_yaml_flow_mapping_is_not_taken_for_json(tmp_path: Path) -> None:
+    path = tmp_path / "state.yaml"
+    path.write_text("{kind: Node, metadata: {name: n}}\n")
+    assert list(iter_objects([path])) == [{"kind": "Node", "metadata": {"name": "n"}}]
+    saved_json = tmp_path / "saved.yaml"  # `kubectl get -o json > saved.yaml`
+    saved_json.write_text(json.dumps(_as_list([node()])))
+    assert [o["kind"] for o in iter_objects([saved_json])] == ["Node"]
+
+
+def test_an_object_with_items_that_is_not_a_list_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.yaml"
+    path.write_text("items:\n- {metadata: {name: a}}\nkind: Service\n")
+    with pytest.raises(InputError, match="a Service with items is not a list"):
+        list(iter_objects([path]))

@@ -17,13 +17,12 @@ of each chain, what a partial render may reuse) that the tracer and the IPVS mod
 
 from __future__ import annotations
 
-import gc
 import ipaddress
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from kproxy.heap import gc_paused
 from kproxy.model import Endpoint, ServicePort, ServicePortName
 from kproxy.node import LocalDetector, NodeContext
 from kproxy.proxier import names
@@ -118,19 +117,6 @@ def local_match(detector: LocalDetector, negate: bool = False) -> str:
 def jump_rule(builtin: str, match: str, target: str, comment: str) -> str:
     m = f"{match} " if match else ""
     return f'{builtin} -m comment --comment "{comment}" {m}-j {target}'
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Rendering allocates hundreds of thousands of strings and tuples and no cycles; the cyclic
-    collector would otherwise scan the growing heap over and over (3x the render time at 10k)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def render(

@@ -55,6 +55,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from kproxy.config import DEFAULT_SCHEDULER, IpvsConfig
+from kproxy.heap import gc_paused
 from kproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, family_of
 from kproxy.node import NodeContext
 from kproxy.proxier import names
@@ -417,7 +418,7 @@ def render(
 ) -> IpvsState:
     """Desired state for one family. `ports` must already be this family's view; `ctx.local_ips`
     the node's addresses without those bound to the dummy device."""
-    with ipt.gc_paused():
+    with gc_paused():
         return _render(ports, endpoints, ctx, cfg)
 
 
