@@ -54,19 +54,25 @@ class SyncResult(BaseResult):
 class IptablesProxier:
     def __init__(self, iptables: IptablesBackend) -> None:
         self.iptables = iptables
+        # What the last transaction wrote, compact (`ipt.compacted`): per-Service chains as stamps.
         self._last: ipt.Ruleset | None = None
-        self._applied: dict[str, ipt.Chains] | None = None
+        self._applied: dict[str, dict[str, ipt.Held]] | None = None
 
     def force_full(self) -> None:
         self._last = None
         self._applied = None
 
     def render(
-        self, view: FamilyView, ctx: NodeContext, full: bool, changed: Collection[ServicePortName] | None = None
+        self,
+        view: FamilyView,
+        ctx: NodeContext,
+        full: bool,
+        changed: Collection[ServicePortName] | None = None,
+        force: Collection[ServicePortName] = (),
     ) -> ipt.Ruleset:
         if full:
             return ipt.render(view.ports, view.endpoints, ctx)
-        return ipt.render(view.ports, view.endpoints, ctx, previous=self._last, changed=changed)
+        return ipt.render(view.ports, view.endpoints, ctx, previous=self._last, changed=changed, force=force)
 
     def sync(
         self,
@@ -83,8 +89,6 @@ class IptablesProxier:
         the kernel's listing only with `verify`."""
         full = full or self._applied is None
         t0 = time.perf_counter()
-        desired = self.render(view, ctx, full, changed)
-        t1 = time.perf_counter()
         saved: SavedState | None = None
         existing: dict[str, set[str]] | None = None
         jumps: dict[str, set[tuple[str, str]]] | None = None
@@ -98,11 +102,22 @@ class IptablesProxier:
                 jumps = {}  # a dry run without rights still shows the full payload
         applied = None if full else self._applied
         repairs: tuple[Repair, ...] = ()
+        force: set[ServicePortName] = set()
         if saved is not None and self._applied is not None and self._last is not None:
             last_jumps = ((t, b, target) for t, b, _, target, _ in self._last.jumps)
             rewrite, repairs = ipt.drift(self._applied, saved.chains, saved.rule_counts, last_jumps, saved.jumps)
-            if applied is not None and rewrite:
+            if applied is not None:
                 applied = ipt.without(applied, rewrite)
+                # Chains to write again (altered, or gone) are remembered as stamps only: their
+                # Services are rendered again, whatever their inputs.
+                again = {c for t, held in applied.items() for c in held if c not in saved.chains.get(t, ())}
+                again |= {c for chains in rewrite.values() for c in chains}
+                if again:
+                    owners = self._last.owners()
+                    force = {owners[c] for c in again if c in owners}
+        t_listed = time.perf_counter()
+        desired = self.render(view, ctx, full, changed, force)
+        t1 = time.perf_counter()
         # Our jumps from built-in chains to chains this sync no longer renders (the localnet
         # firewall once localhost NodePorts are turned off) go first: a chain still jumped to
         # cannot be deleted, and the whole transaction would be refused.
@@ -116,7 +131,7 @@ class IptablesProxier:
             endpoints=sum(len(e) for e in view.endpoints.values()),
             written=restore.written,
             deleted=restore.deleted,
-            render_seconds=t1 - t0,
+            render_seconds=t1 - t_listed,
             no_local_internal=sum(1 for r in desired.services.values() if r.no_local_internal),
             no_local_external=sum(1 for r in desired.services.values() if r.no_local_external),
             payload=restore.text,
@@ -132,7 +147,7 @@ class IptablesProxier:
         except BackendError:
             self.force_full()
             raise
-        self._last = desired
-        self._applied = {t: dict(c) for t, c in desired.tables.items()}
-        result.apply_seconds = time.perf_counter() - t1
+        self._last = ipt.compacted(desired)
+        self._applied = {t: dict(c) for t, c in self._last.tables.items()}
+        result.apply_seconds = time.perf_counter() - t1 + (t_listed - t0)
         return result

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from kproxy.proxier.iptables.render import FILTER, NAT, Ruleset, jump_rule
+from kproxy.proxier.iptables.render import FILTER, NAT, Ruleset, Stamp, jump_rule
 
 DNAT = "dnat"
 REJECT = "reject"
@@ -147,6 +147,8 @@ class Tracer:
         if rules is None:
             # A jump to a chain that does not exist is refused by iptables-restore; here it is a bug.
             raise KeyError(f"{table} chain {chain} is referenced but not rendered")
+        if isinstance(rules, Stamp):
+            raise ValueError(f"{table} chain {chain} is remembered, not rendered: trace a fresh render")
         return self._rules(table, list(rules), replace(pkt, trail=pkt.trail + (f"{table}/{chain}",)), ctstate_dnat)
 
     def _rules(

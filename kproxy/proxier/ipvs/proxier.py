@@ -135,7 +135,7 @@ class IpvsProxier:
         self._kernel = kernel
         self._set_up = False
         self._last: pv.IpvsState | None = None
-        self._applied_tables: dict[str, dict[str, tuple[str, ...]]] | None = None
+        self._applied_tables: dict[str, dict[str, ipt.Held]] | None = None
         self._draining: set[tuple[pv.VSKey, tuple[str, int]]] = set()
 
     # ----- set-up
@@ -253,7 +253,7 @@ class IpvsProxier:
         repairs: tuple[Repair, ...] = ()
         if self._last is not None:
             repairs = pvp.ipvs_drift(self._last, desired, current, existing_sets)
-        tables = {t: dict(c) for t, c in desired.iptables.tables.items()}
+        tables: dict[str, dict[str, ipt.Held]] = {t: dict(c) for t, c in desired.iptables.tables.items()}
         restore = None
         if full or verify or self._applied_tables != tables:
             saved = self.iptables.save(pv.TABLES, prefixes=(names.PREFIX,))

@@ -671,7 +671,7 @@ def present_jumps(saved_jumps: Mapping[str, list[str]]) -> dict[str, set[tuple[s
 
 def iptables_plan(
     desired: ipt.Ruleset,
-    applied: Mapping[str, Mapping[str, tuple[str, ...]]] | None,
+    applied: Mapping[str, Mapping[str, ipt.Held]] | None,
     saved_chains: Mapping[str, set[str]] | None,
     saved_jumps: Mapping[str, list[str]] | None = None,
 ) -> RestorePlan:
