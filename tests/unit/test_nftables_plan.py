@@ -3,13 +3,16 @@ sync writes only the changed Service's objects, and the fake refuses what nft re
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kproxy.config import validate
+from kproxy.config import ProxyConfig, validate
 from kproxy.errors import BackendError
 from kproxy.model import IPFamily
+from kproxy.proxier.nftables import render as nft
 from kproxy.proxier.nftables.proxier import NftablesProxier
 from kproxy.proxier.nftables.trace import Tracer
 from kproxy.state import build_state
@@ -179,3 +182,42 @@ def test_the_fake_accepts_an_identical_element_twice() -> None:
         "add element ip kproxy m { 80 : goto a }\nadd element ip kproxy m { 80 : goto a }\n"
     )
     assert fake.table(IPFamily.V4).elements["m"] == {"80": "goto a"}
+
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.mark.parametrize("family", [IPFamily.V4, IPFamily.V6])
+def test_golden_reference_layout(family: IPFamily) -> None:
+    """Upstream's reference example rendered as one full nft transaction (both families)."""
+    objs = [
+        service("svc1", "ns1", cluster_ip=["172.30.0.41", "fd00:172:30::41"], affinity=10800),
+        endpoint_slice("svc1", "ns1", endpoints=[endpoint("10.180.0.1"), endpoint("10.180.0.2")]),
+        endpoint_slice("svc1-v6", "ns1", address_type="IPv6", endpoints=[endpoint("fd00:10:180::1")]),
+        service("svc2", "ns2", type="NodePort", cluster_ip="172.30.0.42", node_port=3001),
+        endpoint_slice("svc2", "ns2", endpoints=[endpoint("10.180.0.3")]),
+        service(
+            "svc3",
+            "ns3",
+            type="LoadBalancer",
+            cluster_ip="172.30.0.43",
+            node_port=3003,
+            etp="Local",
+            hc_node_port=30000,
+            lb_ips=["1.2.3.4"],
+            source_ranges=["203.0.113.0/25"],
+        ),
+        endpoint_slice("svc3", "ns3", endpoints=[endpoint("10.180.0.4", "test-node"), endpoint("10.180.2.1")]),
+    ]
+    state, _ = build_state(objs, service_proxy_name="")
+    cfg = validate(ProxyConfig(node_name="test-node", cluster_cidrs=("10.0.0.0/8", "fd00:10::/32")))
+    ctx = node_context(cfg, family, None, ("192.168.0.2", "fd00:192:168::2"))
+    view = family_view(state, family)
+    text = str(nft.render(view.ports, view.endpoints, ctx))
+    golden = GOLDEN / f"reference.nft{'' if family is IPFamily.V4 else '6'}"
+    if os.environ.get("KPROXY_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()
+    if family is IPFamily.V4:
+        # Upstream's name for ns1/svc1's Service chain (its hash, recomputed by hand).
+        assert "add chain ip kproxy service-ULMVA6XW-ns1/svc1/tcp/p80\n" in text
