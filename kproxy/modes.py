@@ -127,6 +127,13 @@ MODES: dict[str, ModeInfo] = {
             implementation="kproxy.proxier.iptables.mode:MODE",
         ),
         ModeInfo("ipvs", "ipvs", ("ipvs.",), periodic_full=True, implementation="kproxy.proxier.ipvs.mode:MODE"),
+        ModeInfo(
+            "nftables",
+            "nftables",
+            ("nftables.",),
+            periodic_full=False,
+            implementation="kproxy.proxier.nftables.mode:MODE",
+        ),
     )
 }
 DEFAULT = "iptables"

@@ -30,6 +30,18 @@ class IptablesBackend(Protocol):
 
 
 @runtime_checkable
+class NftablesBackend(Protocol):
+    """nft transactions (kproxy.backends.nftables.Nft): `apply` runs one script as one atomic
+    transaction or raises BackendError naming the failing line; `delete_table` removes a table
+    and says whether there was one. Small on purpose, so `nft -f` can be swapped for
+    libnftables or netlink batches."""
+
+    def apply(self, script: str) -> None: ...
+
+    def delete_table(self, family: str, name: str) -> bool: ...
+
+
+@runtime_checkable
 class ConntrackBackend(Protocol):
     """One family's conntrack table (kproxy.backends.conntrack.Conntrack)."""
 

@@ -262,9 +262,10 @@ def _build(
         raise ConfigError(f"{where('clusterCIDR')}: at most one CIDR per IP family")
     nodeport_addresses = _nodeport_addresses(values["nodePortAddresses"], where("nodePortAddresses"))
 
-    masq_bit = values["iptables.masqueradeBit"]
+    bit_path, all_path = _masquerade_fields(mode, origin)
+    masq_bit = values[bit_path]
     if not 0 <= masq_bit <= 31:
-        raise ConfigError(f"{where('iptables.masqueradeBit')}: {masq_bit} is not in 0-31")
+        raise ConfigError(f"{where(bit_path)}: {masq_bit} is not in 0-31")
     period_path, min_path = _sync_period_fields(mode, origin)
     sync_period, min_sync = values[period_path], values[min_path]
     if sync_period <= 0:
@@ -333,7 +334,7 @@ def _build(
             node_name=node_name,
             cluster_cidrs=cluster_cidrs,
             nodeport_addresses=nodeport_addresses,
-            masquerade_all=values["iptables.masqueradeAll"],
+            masquerade_all=values[all_path],
             masquerade_bit=masq_bit,
             localhost_nodeports=values["iptables.localhostNodePorts"],
             detect_local_mode=detect,
@@ -385,6 +386,21 @@ def _sync_period_fields(mode: str, origin: Mapping[str, str]) -> tuple[str, str]
         "iptables.minSyncPeriod"
         if origin["iptables.minSyncPeriod"] == "--min-sync-period"
         else f"{section}.minSyncPeriod",
+    )
+
+
+def _masquerade_fields(mode: str, origin: Mapping[str, str]) -> tuple[str, str]:
+    """masqueradeBit and masqueradeAll: the nftables mode reads its own section, as kube-proxy's
+    does, unless the flags (stored in the iptables fields) were given, which win as upstream's."""
+    if registry.MODES[mode].section != "nftables":
+        return "iptables.masqueradeBit", "iptables.masqueradeAll"
+    return (
+        "iptables.masqueradeBit"
+        if origin["iptables.masqueradeBit"] == "--iptables-masquerade-bit"
+        else "nftables.masqueradeBit",
+        "iptables.masqueradeAll"
+        if origin["iptables.masqueradeAll"] == "--masquerade-all"
+        else "nftables.masqueradeAll",
     )
 
 

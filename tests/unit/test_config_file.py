@@ -242,7 +242,7 @@ def test_ipvs_settings_are_reported_ignored_in_the_iptables_mode() -> None:
         ("masquerade bit", {"iptables": {"masqueradeBit": 32}}, "iptables.masqueradeBit (in "),
         ("negative sync", {"iptables": {"syncPeriod": "-1s"}}, "iptables.syncPeriod (in "),
         ("mode", {"mode": "userspace"}, "mode (in "),
-        ("nftables mode", {"mode": "nftables"}, "iptables and ipvs modes only"),
+        ("unknown mode", {"mode": "kernelspace"}, "is not iptables, ipvs or nftables"),
         ("ipvs scheduler", {"mode": "ipvs", "ipvs": {"scheduler": "fastest"}}, "ipvs.scheduler (in "),
         ("ipvs exclude", {"ipvs": {"excludeCIDRs": ["10.0.0.0/33"]}}, "ipvs.excludeCIDRs (in "),
         ("ipvs timeout", {"ipvs": {"tcpTimeout": "-1s"}}, "ipvs.tcpTimeout (in "),
@@ -355,7 +355,7 @@ def test_flag_forms(name: str, flags: dict[str, Any], check: Any) -> None:
         ("address", {"metrics-bind-address": "127.0.0.1:99999"}, "--metrics-bind-address"),
         ("empty hostname", {"hostname-override": "  "}, "--hostname-override"),
         ("feature gate", {"feature-gates": ("A=maybe",)}, "--feature-gates"),
-        ("mode", {"proxy-mode": "nftables"}, "--proxy-mode"),
+        ("mode", {"proxy-mode": "kernelspace"}, "--proxy-mode"),
     ],
 )
 def test_invalid_flags_name_the_flag(name: str, flags: dict[str, Any], message: str) -> None:

@@ -56,6 +56,6 @@ def test_trace_names_the_virtual_server(tmp_path: Path) -> None:
     assert res.exit_code == 0 and res.output.startswith("=> REJECT")
 
 
-def test_other_modes_are_still_refused(tmp_path: Path) -> None:
-    res = CliRunner().invoke(main, ["sync", "--mode", "nftables", "--node", "n", "--state", _state(tmp_path)])
+def test_unknown_modes_are_refused(tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["sync", "--mode", "kernelspace", "--node", "n", "--state", _state(tmp_path)])
     assert res.exit_code == 2

@@ -75,7 +75,6 @@ INVALID = [
         id="bridge-without-interface",
     ),
     pytest.param(["--proxy-mode=userspace"], "--proxy-mode: 'userspace' is not iptables", id="unknown-mode"),
-    pytest.param(["--mode", "nftables"], "--mode: 'nftables': this build", id="mode-alias-nftables"),
     pytest.param(["--masquerade-all=maybe"], "--masquerade-all: 'maybe' is not true or false", id="bad-bool"),
     pytest.param(["--iptables-masquerade-bit=32"], "--iptables-masquerade-bit: 32 is not in 0-31", id="bad-bit"),
     pytest.param(["--ipvs-scheduler=fastest"], "--ipvs-scheduler: 'fastest' is not one of", id="bad-scheduler"),

@@ -1,0 +1,1 @@
+"""The nftables mode: one table `kproxy` per IP family."""

@@ -1,0 +1,108 @@
+"""Drives the nftables mode of one IP family: render, plan, one transaction.
+
+It remembers what its last committed transaction put in the kernel (plan.Applied: the rendered
+per-Service objects, shared with the render's reuse, and who claims each map and set key), so
+the next sync writes only what changed; nothing is read back. Any failure forgets it, so the
+next sync is full, and a full sync replaces the whole table in one transaction: that is also
+what repairs a table someone deleted or flushed.
+
+Stale UDP conntrack flows are the caller's (kproxy/conntrack.py), as in every mode.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from kproxy.backends.protocols import NftablesBackend
+from kproxy.errors import BackendError
+from kproxy.model import ServicePortName
+from kproxy.node import NodeContext
+from kproxy.proxier.nftables import plan as nftplan
+from kproxy.proxier.nftables import render as nft
+from kproxy.proxier.result import SyncResult as BaseResult
+from kproxy.view import FamilyView
+
+
+@dataclass
+class SyncResult(BaseResult):
+    chains_written: int = 0
+    chains_deleted: int = 0
+    elements_added: int = 0
+    elements_deleted: int = 0
+
+    def log_fields(self) -> dict[str, int]:
+        return {
+            "written": self.chains_written,
+            "deleted": self.chains_deleted,
+            "elements_added": self.elements_added,
+            "elements_deleted": self.elements_deleted,
+        }
+
+    def summary(self) -> str:
+        name = "IPv4" if self.family == 4 else "IPv6"
+        return (
+            f"{name}: {self.services} service ports, {self.endpoints} endpoints; "
+            f"{'full' if self.full else 'partial'} nft transaction: wrote {self.chains_written} chains, "
+            f"deleted {self.chains_deleted}, elements +{self.elements_added} -{self.elements_deleted}; "
+            f"render {self.render_seconds * 1000:.1f} ms, apply {self.apply_seconds * 1000:.1f} ms"
+            + (f"; {self.conntrack_deleted} stale UDP flows deleted" if self.conntrack_deleted else "")
+        )
+
+
+class NftablesProxier:
+    def __init__(self, nft_backend: NftablesBackend) -> None:
+        self.nft = nft_backend
+        self._last: nft.Ruleset | None = None
+        self._applied: nftplan.Applied | None = None
+
+    def force_full(self) -> None:
+        self._last = None
+        self._applied = None
+
+    def sync(
+        self,
+        view: FamilyView,
+        ctx: NodeContext,
+        *,
+        full: bool = False,
+        dry_run: bool = False,
+        changed: Collection[ServicePortName] | None = None,
+        verify: bool = True,
+    ) -> SyncResult:
+        """One sync. `changed` (from the change trackers) names the only Service ports whose
+        objects changed since the last sync; None compares them all (by identity first)."""
+        full = full or self._applied is None
+        t0 = time.perf_counter()
+        previous = None if full else self._last
+        desired = nft.render(view.ports, view.endpoints, ctx, previous=previous, changed=None if full else changed)
+        t1 = time.perf_counter()
+        applied = None if full else self._applied
+        script = nftplan.plan(desired, applied, None if full else changed)
+        result = SyncResult(
+            family=int(ctx.family),
+            full=script.full,
+            services=len(view.ports),
+            endpoints=sum(len(e) for e in view.endpoints.values()),
+            render_seconds=t1 - t0,
+            no_local_internal=sum(1 for o in desired.services.values() if o.no_local_internal),
+            no_local_external=sum(1 for o in desired.services.values() if o.no_local_external),
+            payload=script.text,
+            chains_written=script.chains_written,
+            chains_deleted=script.chains_deleted,
+            elements_added=script.elements_added,
+            elements_deleted=script.elements_deleted,
+        )
+        if dry_run:
+            return result
+        try:
+            if script.text:
+                self.nft.apply(script.text)
+        except BackendError:
+            self.force_full()
+            raise
+        self._applied = nftplan.committed(desired, applied, script)
+        self._last = desired
+        result.apply_seconds = time.perf_counter() - t1
+        return result
