@@ -9,6 +9,7 @@ normalised the way upstream's ParseIPSloppy does (`172.30.0.041` is `172.30.0.41
 from __future__ import annotations
 
 import ipaddress
+import socket
 import sys
 from collections.abc import Mapping
 from datetime import datetime
@@ -46,6 +47,14 @@ def parse_ip(text: Any, ref: str, field: str) -> str:
     """Canonical text of an IP address, accepting upstream's sloppy IPv4 (leading zeros)."""
     if not isinstance(text, str) or not text:
         raise InvalidObject(ref, field, f"not an IP address: {text!r}")
+    if ":" not in text:
+        # The common case, ten times faster than ipaddress: an IPv4 address already canonical
+        # (inet_pton refuses leading zeros, so what it accepts and prints back is canonical).
+        try:
+            if socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, text)) == text:
+                return text
+        except OSError:
+            pass
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:

@@ -561,9 +561,7 @@ def plan(
         else:
             # A chain someone else deleted is written again even if our rules did not change.
             write[table] = {
-                c
-                for c, rules in chains.items()
-                if _differs(old.get(c), rules) or (have is not None and c not in have)
+                c for c, rules in chains.items() if _differs(old.get(c), rules) or (have is not None and c not in have)
             }
         stale = set(old) - set(chains)
         if have is not None:
