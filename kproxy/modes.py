@@ -89,8 +89,8 @@ class DataPlaneMode(Protocol):
         (which cleanup removes for every mode); a summary, or None when there is nothing such."""
         ...
 
-    def leave(self, variant: str) -> str | None:
-        """Once another mode has taken the node over (after its first sync): remove what only
+    def leave(self, variant: str, successor: ModeInfo) -> str | None:
+        """Once `successor` has taken the node over (after its first sync): remove what only
         this mode used and the new mode's sync did not replace. None when none was found."""
         ...
 
@@ -105,6 +105,10 @@ class ModeInfo:
     # does on every sync: some of its kernel state is only seen by a full read.
     periodic_full: bool
     implementation: str  # "module:attribute" of its DataPlaneMode
+    # Writes `KPROXY-` chains in iptables, and so keeps the daemon's iptables canary there. A mode
+    # that does not (nftables) checks its own objects for drift, and on taking a node over has the
+    # iptables chains another mode left removed.
+    iptables: bool = True
 
     def load(self) -> DataPlaneMode:
         return _load(self.implementation)
@@ -133,6 +137,7 @@ MODES: dict[str, ModeInfo] = {
             ("nftables.",),
             periodic_full=False,
             implementation="kproxy.proxier.nftables.mode:MODE",
+            iptables=False,
         ),
     )
 }

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Iterable
 
+from kproxy.backends.nftnl import NftNetlink, TableProbe
 from kproxy.errors import BackendError
 
 _LINE = re.compile(r"^[^:\n]*:(\d+):\d+-\d+: Error", re.M)
@@ -42,6 +44,19 @@ def context(script: str, stderr: str) -> str:
 class Nft:
     def __init__(self, binary: str = "nft") -> None:
         self.binary = binary
+        self._netlink: NftNetlink | None = None
+
+    def _nl(self) -> NftNetlink:
+        # Opened on first use, in the thread (and so the network namespace) that syncs.
+        if self._netlink is None:
+            self._netlink = NftNetlink()
+        return self._netlink
+
+    def generation(self) -> int:
+        return self._nl().generation()
+
+    def probe(self, family: str, table: str, sets: Iterable[str]) -> TableProbe:
+        return self._nl().probe(family, table, sets)
 
     def apply(self, script: str) -> None:
         argv = [self.binary, "-f", "-"]

@@ -14,6 +14,7 @@ from kproxy.model import Protocol as L4
 
 if TYPE_CHECKING:
     from kproxy.backends.iptables import SavedState
+    from kproxy.backends.nftnl import TableProbe
 
 
 @runtime_checkable
@@ -39,6 +40,14 @@ class NftablesBackend(Protocol):
     def apply(self, script: str) -> None: ...
 
     def delete_table(self, family: str, name: str) -> bool: ...
+
+    def generation(self) -> int:
+        """The kernel's ruleset generation: it moves on every transaction committed by anyone."""
+        ...
+
+    def probe(self, family: str, table: str, sets: Iterable[str]) -> TableProbe:
+        """Counts of what `table` holds (kproxy.backends.nftnl), for the drift check."""
+        ...
 
 
 @runtime_checkable

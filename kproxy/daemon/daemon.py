@@ -15,7 +15,9 @@ programs one proxier per IP family of the kernel: an `IptablesProxier`, or in th
   each) and counted (``kproxy_rules_tampered_total{kind}``). Other partial syncs read nothing
   back: at scale the listing costs more than the write (docs/benchmarks.md). The canary chain
   (`KPROXY-PROXY-CANARY`, in mangle, nat and filter, with one inert rule), as upstream's, is
-  checked once per sync period too; a missing canary brings a full sync at once.
+  checked once per sync period too; a missing canary brings a full sync at once. A mode that
+  writes no iptables (`ModeInfo.iptables`: nftables) has no canary: its verifying sync checks
+  its own table (the ruleset generation, then netlink counts) and rewrites it when it drifted.
 - **Full syncs** happen first, after a failed sync, after this node's topology labels changed, and
   when the canary is gone. Every other sync is partial: it writes only the chains whose rules
   changed or drifted, and nothing at all when neither happened.
@@ -37,7 +39,10 @@ programs one proxier per IP family of the kernel: an `IptablesProxier`, or in th
   one transaction (the modes share their filter and nat chain names). The other way, after its
   first sync the iptables mode removes what only the IPVS mode used (`leave_ipvs_mode`: mangle
   chains, ipsets, virtual servers, the dummy device), so a deleted Service cannot keep
-  answering through a stale virtual server. A failure there is logged; traffic flows either way.
+  answering through a stale virtual server. Into or out of the nftables mode, the old mode's
+  objects go after the new mode's first sync: its iptables chains and jumps (the iptables mode's
+  `leave`, then the IPVS mode's), or its tables (the nftables mode's `leave`). A failure there
+  is logged; traffic flows either way.
 - **Configuration changes** restart: as kube-proxy, the daemon exits (status 1) when its
   --config file changes, so the DaemonSet restarts it with the edited ConfigMap.
 - **SIGTERM** (`stop`) lets the sync in progress finish, stops the watches and servers, and leaves
@@ -247,6 +252,9 @@ class Daemon:
         self._next_canary_check = 0.0
         self._next_verify = 0.0
         self._full_every_period = mode.periodic_full
+        # A mode that writes no iptables (nftables) gets no canary there: its proxier checks its
+        # own table for drift in every verifying sync instead.
+        self._iptables_canary = mode.iptables
         self._next_periodic_full = 0.0
         self._reflectors: list[Any] = []
         self._servers: list[HTTPServer] = []
@@ -447,7 +455,7 @@ class Daemon:
         jobs = {f: (plane.proxier, views[f], contexts[f]) for f, plane in self.planes.items()}
         try:
             results = list(sync_families(jobs, full=full, verify=verify, synced=self.health.updated).values())
-            if full and reason != "periodic":  # a periodic read-back found the canary in place
+            if full and reason != "periodic" and self._iptables_canary:  # periodic: found in place
                 for plane in self.planes.values():
                     plane.canary_create(plane.iptables)
                     plane.listing.expect_intact = True
@@ -519,7 +527,7 @@ class Daemon:
 
     def _canary_missing(self) -> bool:
         now = self._clock.now()
-        if now < self._next_canary_check:
+        if not self._iptables_canary or now < self._next_canary_check:
             return False
         self._next_canary_check = now + self.cfg.proxy.sync_period
         for plane in self.planes.values():
@@ -657,11 +665,19 @@ def build_daemon(cfg: RunConfig, **options: Any) -> Daemon:
     configuration = load_client_configuration(cfg.kubeconfig or None)
     if cfg.master:
         configuration.host = cfg.master
-    variant = cfg.proxy.iptables_backend or detect_variant()
+    mode = registry.MODES[cfg.proxy.mode]
+    try:
+        variant = cfg.proxy.iptables_backend or detect_variant()
+    except BackendError:
+        if mode.iptables:
+            raise
+        # A mode without iptables runs on a node without iptables too; the other modes' leave
+        # then finds nothing of theirs there (or fails, logged, with traffic on the new table).
+        variant = "nft"
 
     def leave() -> str | None:
         # Each other mode removes what only it used; the new mode's sync replaced the rest.
-        found = [s for other in registry.others(cfg.proxy.mode) if (s := other.load().leave(variant))]
+        found = [s for other in registry.others(mode.name) if (s := other.load().leave(variant, mode))]
         return "; ".join(found) or None
 
     return Daemon(

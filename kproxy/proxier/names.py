@@ -83,6 +83,16 @@ def endpoint_chain(spn: ServicePortName, endpoint_addr: str) -> str:
     return "KPROXY-SEP-" + _hash(str(spn) + spn.protocol.lowercase + endpoint_addr)
 
 
+# The hostPort component's chains (kproxy/hostport/rules.py OWN_PREFIXES): not a mode's, so
+# they stay when a mode leaves a node.
+HOSTPORT_PREFIXES = ("KPROXY-HOSTPORT-", "KPROXY-HP-")
+
+
+def is_mode_chain(name: str) -> bool:
+    """A chain a proxy mode wrote (the daemon's canary included), not the hostPort component's."""
+    return name.startswith(PREFIX) and not name.startswith(HOSTPORT_PREFIXES)
+
+
 def is_owned(name: str) -> bool:
     """Anything kproxy created (cleanup's test): every KPROXY- chain, whichever part made it."""
     return name.startswith(PREFIX)

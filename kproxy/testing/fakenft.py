@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from kproxy.backends.nftnl import TableProbe
 from kproxy.errors import BackendError
 from kproxy.model import IPFamily
 from kproxy.proxier.nftables.trace import Table
@@ -47,6 +49,11 @@ class FakeNft:
         self.tables: dict[tuple[str, str], FakeTable] = {}
         self.scripts: list[str] = []
         self.fail_next: str = ""  # a test may make the next transaction fail with this message
+        # The kernel's ruleset generation: one step per committed transaction, anyone's.
+        self.generation_id = 1
+        self.probes = 0  # read-backs of a table (`probe`), for tests to count
+        self._handles = 0
+        self.handles: dict[tuple[str, str], int] = {}
 
     def table(self, family: IPFamily, name: str = "kproxy") -> FakeTable:
         return self.tables[("ip" if family is IPFamily.V4 else "ip6", name)]
@@ -71,10 +78,47 @@ class FakeNft:
                 ) from None
         self.tables = work
         self.scripts.append(script)
+        self._committed()
 
-    def delete_table(self, family: str, name: str = "kproxy") -> None:
-        """What someone else's `nft delete table` does."""
-        self.tables.pop((family, name), None)
+    def _committed(self) -> None:
+        self.generation_id += 1
+        for key in self.tables:
+            if key not in self.handles:
+                self._handles += 1
+                self.handles[key] = self._handles
+        for key in set(self.handles) - set(self.tables):
+            del self.handles[key]
+
+    def delete_table(self, family: str, name: str = "kproxy") -> bool:
+        """`nft delete table`, ours or someone else's."""
+        found = self.tables.pop((family, name), None) is not None
+        self._committed()
+        return found
+
+    def tamper(self, family: IPFamily, change: str, name: str = "") -> None:
+        """What someone else does by hand: "flush table", "flush chain NAME", "flush map NAME"."""
+        tb = self.table(family)
+        if change == "flush table":
+            tb.chains = {c: [] for c in tb.chains}
+        elif change == "flush chain":
+            tb.chains[name] = []
+        elif change == "flush map":
+            tb.elements[name] = {}
+        else:
+            raise ValueError(change)
+        self._committed()
+
+    def generation(self) -> int:
+        return self.generation_id
+
+    def probe(self, family: str, table: str, sets: Iterable[str]) -> TableProbe:
+        self.probes += 1
+        tb = self.tables.get((family, table))
+        if tb is None:
+            return TableProbe(self.generation_id, None, {}, {})
+        rules = {c: len(r) for c, r in tb.chains.items() if r}
+        elements = {s: len(tb.elements[s]) if s in tb.elements else -1 for s in sets}
+        return TableProbe(self.generation_id, self.handles[(family, table)], rules, elements)
 
 
 class _Refused(Exception):

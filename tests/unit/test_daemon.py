@@ -33,6 +33,7 @@ from kproxy.testing.clock import FakeClock
 from kproxy.testing.fakeapi import FakeAPIServer
 from kproxy.testing.fakeconntrack import FakeConntrack
 from kproxy.testing.fakeiptables import FakeIptables, canary_intact, ensure_canary
+from kproxy.testing.fakenft import FakeNft
 from kproxy.testing.ipvs_fakes import FakeDummy, FakeIpset, FakeIpvs
 
 DEADLINE = 10.0
@@ -80,6 +81,7 @@ class World:
     ipvs: FakeIpvs = field(default_factory=FakeIpvs)
     dummy: FakeDummy = field(default_factory=FakeDummy)
     ipsets: dict[IPFamily, FakeIpset] = field(default_factory=dict)
+    nft: FakeNft = field(default_factory=FakeNft)  # one kernel: both families' tables
     daemons: list[tuple[Daemon, threading.Thread, threading.Event]] = field(default_factory=list)
     exit_codes: list[int] = field(default_factory=list)
 
@@ -123,6 +125,20 @@ class World:
                 family: FamilyPlane(
                     family, self.ipts[family], self.conntracks[family], canary_intact, ensure_canary, ipvs_proxier
                 )
+            }
+        if cfg.proxy.mode == "nftables":
+            from kproxy.proxier.nftables.proxier import NftablesProxier
+
+            planes = {
+                f: FamilyPlane(
+                    f,
+                    self.ipts[f],
+                    self.conntracks[f],
+                    canary_intact,
+                    ensure_canary,
+                    lambda _: NftablesProxier(self.nft),
+                )
+                for f in families
             }
         daemon = Daemon(
             cfg,

@@ -47,7 +47,7 @@ class FakeMode:
         self.calls.append(f"cleanup upstream={upstream}")
         return "fake: removed everything"
 
-    def leave(self, variant: str) -> str | None:
+    def leave(self, variant: str, successor: Any) -> str | None:
         self.calls.append(f"leave {variant}")
         return None
 

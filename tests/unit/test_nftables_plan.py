@@ -121,12 +121,58 @@ def test_a_deleted_table_is_back_after_a_full_sync() -> None:
     view, ctx = view_of(cluster(["10.0.2.20"]))
     proxier.sync(view, ctx)
     fake.delete_table("ip")
-    # A partial sync meets the missing table and is refused; the retry is full.
+    # A partial sync that does not verify meets the missing table and is refused; the retry is full.
     with pytest.raises(BackendError):
-        proxier.sync(*view_of(cluster(["10.0.2.21"])))
+        proxier.sync(*view_of(cluster(["10.0.2.21"])), verify=False)
     proxier.sync(view, ctx)
     tr = Tracer(fake.table(IPFamily.V4).view(), HOST)
     assert tr.trace(OTHER_POD, "172.30.0.41", 80).endpoints == {f"{LOCAL_POD}:80", f"{REMOTE_POD}:80"}
+
+
+def test_a_verifying_sync_finds_a_deleted_table_and_writes_it_whole() -> None:
+    fake = FakeNft()
+    proxier = NftablesProxier(fake)
+    view, ctx = view_of(cluster(["10.0.2.20"]))
+    proxier.sync(view, ctx)
+    fake.delete_table("ip")
+    result = proxier.sync(*view_of(cluster(["10.0.2.21"])))
+    assert result.full
+    assert [r.what for r in result.repairs] == ["table ip kproxy deleted"]
+    tr = Tracer(fake.table(IPFamily.V4).view(), HOST)
+    assert tr.trace(OTHER_POD, "172.30.0.41", 80).endpoints == {f"{LOCAL_POD}:80", f"{REMOTE_POD}:80"}
+
+
+@pytest.mark.parametrize(
+    ("change", "name", "found"),
+    [
+        ("flush table", "", "table ip kproxy flushed"),
+        ("flush chain", "services", "chain services: 0 rules"),
+        ("flush map", "service-ips", "map service-ips: 0 elements"),
+    ],
+)
+def test_a_verifying_sync_finds_what_was_flushed(change: str, name: str, found: str) -> None:
+    fake = FakeNft()
+    proxier = NftablesProxier(fake)
+    view, ctx = view_of(cluster(["10.0.2.20"]))
+    proxier.sync(view, ctx)
+    fake.tamper(IPFamily.V4, change, name)
+    result = proxier.sync(view, ctx)
+    assert result.full
+    assert [r.what for r in result.repairs if r.what.startswith(found)], result.repairs
+    assert not proxier.sync(view, ctx).repairs
+
+
+def test_an_untouched_table_is_checked_by_its_generation_alone() -> None:
+    fake = FakeNft()
+    proxier = NftablesProxier(fake)
+    view, ctx = view_of(cluster(["10.0.2.20"]))
+    proxier.sync(view, ctx)
+    proxier.sync(*view_of(cluster(["10.0.2.21"])))
+    assert fake.probes == 0
+    fake.apply("add table ip other")  # someone else's transaction: our counts are read once
+    assert not proxier.sync(*view_of(cluster(["10.0.2.21"]))).repairs
+    assert not proxier.sync(*view_of(cluster(["10.0.2.21"]))).repairs
+    assert fake.probes == 1
 
 
 def test_traced_kernel_state_after_partial_syncs() -> None:

@@ -13,6 +13,7 @@ from kproxy.model import IPFamily
 if TYPE_CHECKING:
     from kproxy.config import RunConfig
     from kproxy.model import ClusterState
+    from kproxy.modes import ModeInfo
     from kproxy.proxier.iptables.proxier import IptablesProxier
 
 
@@ -87,10 +88,32 @@ class IptablesMode:
     def cleanup(self, upstream: bool) -> str | None:
         return None  # its chains are all `KPROXY-` chains, which cleanup removes for every mode
 
-    def leave(self, variant: str) -> str | None:
-        # Every chain it writes is one the other modes write too, or a Service chain their first
-        # full sync garbage-collects (names.is_service_chain): nothing is left to remove.
-        return None
+    def leave(self, variant: str, successor: ModeInfo) -> str | None:
+        # Into a mode that writes iptables (IPVS), every chain it wrote is one that mode writes
+        # too, or a Service chain its first full sync garbage-collects (names.is_service_chain).
+        # Into one that does not (nftables), its chains would keep DNATing every Service packet
+        # ahead of the new table: all `KPROXY-` chains (the canary's too) and their jumps go.
+        if successor.iptables:
+            return None
+        return leave_iptables(variant)
+
+
+def leave_iptables(variant: str) -> str | None:
+    """Remove every mode's `KPROXY-` chain and jump of one iptables backend (the hostPort
+    component's stay); None when there were none."""
+    from kproxy.backends.iptables import Iptables, cleanup_text
+    from kproxy.families import kernel_families
+    from kproxy.proxier import names
+
+    removed = 0
+    for family in kernel_families():
+        ipt = Iptables(family, variant)
+        saved = ipt.save(("filter", "nat", "mangle"), prefixes=(names.PREFIX,))
+        text = cleanup_text(saved, names.is_mode_chain)
+        if text:
+            ipt.restore(text)
+            removed += sum(1 for chains in saved.chains.values() for c in chains if names.is_mode_chain(c))
+    return f"iptables: removed {removed} KPROXY- chains" if removed else None
 
 
 MODE = IptablesMode()

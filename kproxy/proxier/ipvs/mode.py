@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kproxy.config import IpvsConfig, RunConfig
 from kproxy.errors import BackendError
 from kproxy.model import ClusterState, IPFamily
 from kproxy.proxier import names
 from kproxy.proxier.ipvs import render as pv
+
+if TYPE_CHECKING:
+    from kproxy.modes import ModeInfo
 
 # kube-proxy's IPVS leftovers, for `cleanup --upstream` (pkg/proxy/ipvs ipsetInfo; IPv6 copies
 # are prefixed KUBE-6-).
@@ -195,7 +198,9 @@ class IpvsMode:
     def cleanup(self, upstream: bool) -> str | None:
         return cleanup_ipvs(upstream)
 
-    def leave(self, variant: str) -> str | None:
+    def leave(self, variant: str, successor: ModeInfo) -> str | None:
+        # After the iptables mode's leave when the successor writes no iptables (MODES order):
+        # the chains naming the ipsets are gone by then.
         return leave_ipvs_mode(variant)
 
 

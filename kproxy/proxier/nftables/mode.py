@@ -12,6 +12,7 @@ from kproxy.model import IPFamily
 if TYPE_CHECKING:
     from kproxy.config import RunConfig
     from kproxy.model import ClusterState
+    from kproxy.modes import ModeInfo
     from kproxy.proxier.nftables.proxier import NftablesProxier
 
 # kube-proxy's own nftables table, removed by `kproxy cleanup --upstream` for migrations.
@@ -88,7 +89,7 @@ class NftablesMode:
         removed = _delete_tables((TABLE, UPSTREAM_TABLE) if upstream else (TABLE,))
         return f"removed nftables tables: {', '.join(removed)}" if removed else None
 
-    def leave(self, variant: str) -> str | None:
+    def leave(self, variant: str, successor: ModeInfo) -> str | None:
         # Another mode owns the node now: our tables would still DNAT every Service packet.
         from kproxy.proxier.nftables.names import TABLE
 

@@ -6,6 +6,12 @@ the next sync writes only what changed; nothing is read back. Any failure forget
 next sync is full, and a full sync replaces the whole table in one transaction: that is also
 what repairs a table someone deleted or flushed.
 
+A verifying sync (the daemon asks for one per sync period) first checks for drift, cheaply: the
+kernel's ruleset generation, read right after our own commit, unchanged means nobody committed
+anything since (one netlink round trip). Only when it moved are the table's counts read back
+over netlink (drift.py: rules per chain, elements per map; never `nft list`), and anything astray
+makes this sync full, with a `Repair` per finding for the daemon's ``rules_tampered`` line.
+
 Stale UDP conntrack flows are the caller's (kproxy/conntrack.py), as in every mode.
 """
 
@@ -19,10 +25,12 @@ from kproxy.backends.protocols import NftablesBackend
 from kproxy.errors import BackendError
 from kproxy.model import ServicePortName
 from kproxy.node import NodeContext
+from kproxy.proxier.nftables import drift
 from kproxy.proxier.nftables import plan as nftplan
 from kproxy.proxier.nftables import render as nft
+from kproxy.proxier.nftables.names import TABLE
 from kproxy.proxier.result import SyncResult as BaseResult
-from kproxy.view import FamilyView
+from kproxy.view import FamilyView, Repair
 
 
 @dataclass
@@ -56,10 +64,29 @@ class NftablesProxier:
         self.nft = nft_backend
         self._last: nft.Ruleset | None = None
         self._applied: nftplan.Applied | None = None
+        # The generation our last commit left (None: someone else committed around it), and
+        # our table's handle once seen intact (a full sync makes a new table).
+        self._quiet_generation: int | None = None
+        self._handle: int | None = None
 
     def force_full(self) -> None:
         self._last = None
         self._applied = None
+        self._quiet_generation = None
+        self._handle = None
+
+    def check_drift(self, family: str) -> list[Repair]:
+        """What someone else changed in our table since our last commit; [] when nothing."""
+        if self._last is None or self._applied is None:
+            return []
+        if self._quiet_generation is not None and self.nft.generation() == self._quiet_generation:
+            return []
+        want = drift.expected(self._last, self._applied)
+        found = self.nft.probe(family, TABLE, want.elements)
+        repairs = drift.compare(want, found, family, TABLE, self._handle)
+        if not repairs:
+            self._quiet_generation, self._handle = found.generation, found.handle
+        return repairs
 
     def sync(
         self,
@@ -73,8 +100,13 @@ class NftablesProxier:
     ) -> SyncResult:
         """One sync. `changed` (from the change trackers) names the only Service ports whose
         objects changed since the last sync; None compares them all (by identity first)."""
-        full = full or self._applied is None
         t0 = time.perf_counter()
+        repairs: list[Repair] = []
+        if verify and not full and not dry_run:
+            repairs = self.check_drift(nft.nft_family(ctx.family))
+            if repairs:
+                self.force_full()
+        full = full or self._applied is None
         previous = None if full else self._last
         desired = nft.render(view.ports, view.endpoints, ctx, previous=previous, changed=None if full else changed)
         t1 = time.perf_counter()
@@ -93,12 +125,19 @@ class NftablesProxier:
             chains_deleted=script.chains_deleted,
             elements_added=script.elements_added,
             elements_deleted=script.elements_deleted,
+            repairs=tuple(repairs),
         )
         if dry_run:
             return result
         try:
             if script.text:
+                before = self.nft.generation()
                 self.nft.apply(script.text)
+                after = self.nft.generation()
+                # One step: ours alone. More: someone committed around it; the next check reads.
+                self._quiet_generation = after if after == before + 1 else None
+                if script.full:
+                    self._handle = None
         except BackendError:
             self.force_full()
             raise
