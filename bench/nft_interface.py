@@ -917,6 +917,50 @@ def run_case(
         return res
 
 
+def _ms(v: object) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list):  # (forward, back) medians
+        return " / ".join(_ms(x) for x in v)
+    if v is None:
+        return "-"
+    x = float(v)  # type: ignore[arg-type]
+    return f"{x:.2f} s" if x >= 1 else f"{x * 1000:.1f} ms" if x >= 0.001 else f"{x * 1e6:.0f} µs"
+
+
+def markdown(paths: list[Path]) -> str:
+    """The tables of docs/mode-nftables.md from the JSON lines the runs wrote."""
+    cases = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line.strip()]
+    main_ = [c for c in cases if c.get("full_mode", "nft") == "nft" and "error" not in c]
+    cols = [f"{c['layout']} {c['services']:,}×{c['endpoints']}" for c in main_]
+    rows = sorted(
+        {k for c in main_ for k in c if "/" in k and not k.startswith("drift")},
+        key=lambda k: (k.split("/")[0] != "nft-f", k),
+    )
+    out = ["| measurement | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    objs = ["chains", "rules", "named_sets", "anon_sets", "elements"]
+    for o in objs:
+        out.append(f"| objects: {o} | " + " | ".join(f"{c['objects'][o]:,}" for c in main_) + " |")
+    out.append("| full load, nft -f (one transaction) | " + " | ".join(_ms(c["full"]["total"]) for c in main_) + " |")
+    for r in rows:
+        out.append(f"| {r} | " + " | ".join(_ms(c.get(r)) for c in main_) + " |")
+    nl = [c for c in cases if c.get("full_mode") == "netlink" and "error" not in c]
+    if nl:
+        out += [
+            "",
+            "| shared layout, full load in steps | "
+            + " | ".join(f"{c['services']:,}×{c['endpoints']}" for c in nl)
+            + " |",
+        ]
+        out.append("|---" * (len(nl) + 1) + "|")
+        for k in ("skeleton_nft", "encode", "netlink_commit", "base_chains_nft", "total"):
+            out.append(f"| {k} | " + " | ".join(_ms(c["full"][k]) for c in nl) + " |")
+    errs = [c for c in cases if "error" in c]
+    for c in errs:
+        out.append(f"\n{c['layout']} {c['services']}×{c['endpoints']}: {c['error'][-300:]}")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -927,7 +971,11 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=150.0, help="seconds allowed for one operation")
     ap.add_argument("--reps", type=int, default=REPEATS)
     ap.add_argument("--out", type=Path, help="append one JSON line per case here")
+    ap.add_argument("--markdown", nargs="+", type=Path, help="print the tables for these JSON-lines files")
     a = ap.parse_args()
+    if a.markdown:
+        print(markdown(a.markdown), end="")
+        return
     if a.worker:
         print(json.dumps(worker(json.loads(Path(a.worker).read_text()))))
         return
