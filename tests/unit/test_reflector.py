@@ -7,6 +7,8 @@ which also check that no thread is left behind.
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -558,3 +560,144 @@ def test_fake_serves_status_updates_and_events(
 def test_unusable_kubeconfig_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot load the API server configuration"):
         load_client_configuration(str(tmp_path / "missing"))
+
+
+# -- paged lists: the fake API server as the real one pages ------------------------------------
+
+
+def list_page(api_client: k8s.ApiClient, **query: Any) -> Obj:
+    """One list request through the typed client, its body as raw JSON."""
+    resp = k8s.CoreV1Api(api_client).list_service_for_all_namespaces(**query, _preload_content=False)
+    try:
+        body: Obj = json.loads(resp.data)
+    finally:
+        resp.release_conn()
+    return body
+
+
+def names_of(page: Obj) -> list[str]:
+    return [f"{o['metadata']['namespace']}/{o['metadata']['name']}" for o in page["items"]]
+
+
+def status_of(exc: k8s.ApiException) -> Obj:
+    body: Obj = json.loads(exc.body)
+    return body
+
+
+def test_pages_cover_one_snapshot_exactly_once_whatever_is_written_between_them(
+    api: FakeAPIServer, configuration: k8s.Configuration
+) -> None:
+    for ns, name in [("b", "s1"), ("a", "s2"), ("c", "s0"), ("a", "s1"), ("b", "s2"), ("c", "s1"), ("b", "s0")]:
+        api.create("services", service(name, namespace=ns))
+    snapshot = [f"{o['metadata']['namespace']}/{o['metadata']['name']}" for o in api.objects("services")]
+    with k8s.ApiClient(configuration) as api_client:
+        first = list_page(api_client, limit=3)
+        # Between the pages: a new object among the keys still to come, one of those deleted,
+        # one changed, and the history moves on (still within what it keeps).
+        api.create("services", service("s1a", namespace="b"))
+        api.delete("services", "s1", namespace="c")
+        changed = service("s2", namespace="b")
+        changed["spec"]["clusterIP"] = "172.30.0.99"
+        api.update("services", changed)
+        second = list_page(api_client, limit=3, _continue=first["metadata"]["continue"])
+        third = list_page(api_client, limit=3, _continue=second["metadata"]["continue"])
+
+    pages = [first, second, third]
+    assert [names_of(p) for p in pages] == [snapshot[0:3], snapshot[3:6], snapshot[6:7]]
+    assert snapshot == sorted(snapshot)  # key order: namespace, then name
+    assert {p["metadata"]["resourceVersion"] for p in pages} == {first["metadata"]["resourceVersion"]}
+    assert [p["metadata"].get("remainingItemCount") for p in pages] == [4, 1, None]
+    assert "continue" not in third["metadata"]
+    assert {o["spec"]["clusterIP"] for p in pages for o in p["items"]} == {"172.30.0.10"}  # as listed
+    assert [(p["kind"], p["apiVersion"]) for p in pages] == [("ServiceList", "v1")] * 3
+
+
+def test_a_selector_filters_pages_and_hides_the_remaining_count(
+    api: FakeAPIServer, configuration: k8s.Configuration
+) -> None:
+    for i in range(5):
+        api.create("services", service(f"s{i}", **({"tier": "web"} if i in (0, 3, 4) else {})))
+    with k8s.ApiClient(configuration) as api_client:
+        first = list_page(api_client, limit=2, label_selector="tier=web")
+        second = list_page(api_client, limit=2, label_selector="tier=web", _continue=first["metadata"]["continue"])
+    assert (names_of(first), names_of(second)) == (["default/s0", "default/s3"], ["default/s4"])
+    assert "remainingItemCount" not in first["metadata"]  # unknown when a selector filters
+    assert "continue" not in second["metadata"]
+
+
+def test_an_expired_continue_is_410_with_a_token_for_the_rest_from_the_latest_state(
+    api: FakeAPIServer, configuration: k8s.Configuration
+) -> None:
+    for name in ("s0", "s1", "s2", "s3"):
+        api.create("services", service(name))
+    with k8s.ApiClient(configuration) as api_client:
+        first = list_page(api_client, limit=2)
+        api.create("services", service("s4"))
+        api.expire_history()  # compaction: the first page's snapshot is gone
+        with pytest.raises(k8s.ApiException) as expired:
+            list_page(api_client, limit=2, _continue=first["metadata"]["continue"])
+        status = status_of(expired.value)
+        rest = list_page(api_client, _continue=status["metadata"]["continue"])
+    assert expired.value.status == 410
+    assert (status["reason"], status["code"]) == ("Expired", 410)
+    assert status["message"].startswith(
+        "The provided continue parameter is too old to display a consistent list result. You can start a "
+        "new list without the continue parameter, or use the continue token in this response to retrieve "
+        "the remainder of the results."
+    )
+    # The fresh token continues after the same key, from the latest state: inconsistent, as said.
+    assert names_of(rest) == ["default/s2", "default/s3", "default/s4"]
+    assert rest["metadata"]["resourceVersion"] == str(api.resource_version)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "not base64 at all!",
+        base64.urlsafe_b64encode(b"[1, 2]").decode(),
+        base64.urlsafe_b64encode(b'{"v":"meta.k8s.io/v1","rv":0,"start":"default/a\\u0000"}').decode(),
+        base64.urlsafe_b64encode(b'{"v":"meta.k8s.io/v1","rv":105,"start":""}').decode(),
+    ],
+    ids=["not-base64", "not-an-object", "no-resource-version", "no-start-key"],
+)
+def test_a_malformed_continue_token_is_400(api: FakeAPIServer, configuration: k8s.Configuration, token: str) -> None:
+    api.create("services", service("a"))
+    with k8s.ApiClient(configuration) as api_client, pytest.raises(k8s.ApiException) as refused:
+        list_page(api_client, limit=1, _continue=token)
+    assert refused.value.status == 400
+    status = status_of(refused.value)
+    assert status["reason"] == "BadRequest"
+    assert status["message"].startswith("invalid continue token: continue key is not valid")
+
+
+def test_a_continue_with_a_resource_version_is_400(api: FakeAPIServer, configuration: k8s.Configuration) -> None:
+    api.create("services", service("a"))
+    api.create("services", service("b"))
+    with k8s.ApiClient(configuration) as api_client:
+        first = list_page(api_client, limit=1)
+        with pytest.raises(k8s.ApiException) as refused:
+            list_page(api_client, limit=1, _continue=first["metadata"]["continue"], resource_version="0")
+    assert refused.value.status == 400
+
+
+def test_limit_is_ignored_by_a_watch_and_a_list_from_the_cache(
+    api: FakeAPIServer, configuration: k8s.Configuration
+) -> None:
+    for name in ("a", "b", "c"):
+        api.create("services", service(name))
+    with k8s.ApiClient(configuration) as api_client:
+        cached = list_page(api_client, limit=1, resource_version="0")
+        resp = k8s.CoreV1Api(api_client).list_service_for_all_namespaces(
+            watch=True, limit=1, timeout_seconds=1, _preload_content=False
+        )
+        try:
+            events = [json.loads(line) for line in resp.data.splitlines() if line.strip()]
+        finally:
+            resp.release_conn()
+    assert names_of(cached) == ["default/a", "default/b", "default/c"]
+    assert "continue" not in cached["metadata"]
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [
+        ("ADDED", "a"),
+        ("ADDED", "b"),
+        ("ADDED", "c"),
+    ]
