@@ -25,9 +25,11 @@ from kproxy.sources.kube import (
     NODES,
     SERVICES,
     Backoff,
+    KeyStore,
     Reflector,
     Store,
     informer,
+    key_informer,
     load_client_configuration,
     name_selector,
     object_key,
@@ -701,3 +703,202 @@ def test_limit_is_ignored_by_a_watch_and_a_list_from_the_cache(
         ("ADDED", "b"),
         ("ADDED", "c"),
     ]
+
+
+# -- paged lists: the reflector ----------------------------------------------------------------
+
+
+class WriteDuringList(Recorder):
+    """A Recorder that makes `write` happen once, at the first add. Behind a `KeyStore`, which
+    hands each page on as it arrives, that is between the first page's request and the next
+    one's, on the reflector's own thread."""
+
+    def __init__(self, write: Callable[[], None]) -> None:
+        super().__init__()
+        self._write: Callable[[], None] | None = write
+        self.added: list[Obj] = []
+
+    def on_add(self, obj: Obj) -> None:
+        if self._write is not None:
+            write, self._write = self._write, None
+            write()
+        self.added.append(obj)
+        super().on_add(obj)
+
+
+def list_queries(api: FakeAPIServer) -> list[tuple[str | None, bool]]:
+    """(limit, continued?) of every list request for services."""
+    return [(r.query.get("limit"), "continue" in r.query) for r in api.requests("list", "services")]
+
+
+def test_a_list_comes_in_pages_and_writes_between_them_arrive_by_the_watch(api: FakeAPIServer, start: Start) -> None:
+    originals = [api.create("services", service(f"a{i}")) for i in range(7)]
+    listed_at = str(api.resource_version)
+
+    def write() -> None:
+        api.create("services", service("a2x"))  # sorts among the keys still to be listed
+        api.delete("services", "a5")
+        changed = service("a4")
+        changed["spec"]["clusterIP"] = "172.30.0.99"
+        api.update("services", changed)
+
+    recorder = WriteDuringList(write)
+    store = KeyStore(recorder)
+    reflector = start(sink=store, page_size=3)
+    synced(reflector, api)
+
+    calls = recorder.wait_calls(11)
+    assert calls == [("add", f"default/a{i}") for i in range(7)] + [
+        ("synced", ""),
+        ("add", "default/a2x"),
+        ("delete", "default/a5"),
+        ("update", "default/a4"),
+    ]
+    assert list_queries(api) == [("3", False), ("3", True), ("3", True)]
+    assert api.requests("watch", "services")[0].resource_version == listed_at  # the first page's
+    assert {(o["kind"], o["apiVersion"]) for o in recorder.added} == {("Service", "v1")}
+    # What the daemon's store keeps of an object, and hands back as `old`: key and version.
+    old, new = recorder.updates[0]
+    a4 = originals[4]["metadata"]
+    assert old == {"metadata": {"name": "a4", "namespace": "default", "resourceVersion": a4["resourceVersion"]}}
+    assert new["spec"]["clusterIP"] == "172.30.0.99"
+    assert store.keys() == sorted(f"default/{n}" for n in ("a0", "a1", "a2", "a2x", "a3", "a4", "a6"))
+    assert store.version("default/a4") == new["metadata"]["resourceVersion"]
+
+
+def test_a_snapshot_expired_mid_list_falls_back_to_one_full_list_and_converges(
+    api: FakeAPIServer, start: Start
+) -> None:
+    originals = [api.create("services", service(f"a{i}")) for i in range(7)]
+
+    def write() -> None:
+        api.delete("services", "a1")  # on the page being handed over: only the relist can tell
+        changed = service("a0")
+        changed["spec"]["clusterIP"] = "172.30.0.99"
+        api.update("services", changed)
+        api.create("services", service("a7"))
+        api.expire_history()  # compaction: the rest of the pages can no longer be served
+
+    recorder = WriteDuringList(write)
+    store = KeyStore(recorder)
+    with structlog.testing.capture_logs() as logs:
+        reflector = start(sink=store, page_size=3)
+        synced(reflector, api)
+    calls = recorder.wait_calls(11)
+
+    assert calls == [
+        ("add", "default/a0"),
+        ("add", "default/a1"),
+        ("add", "default/a2"),
+        # The full list: a2 is unchanged and not reported again; a1 is gone at its end.
+        ("update", "default/a0"),
+        ("add", "default/a3"),
+        ("add", "default/a4"),
+        ("add", "default/a5"),
+        ("add", "default/a6"),
+        ("add", "default/a7"),
+        ("delete", "default/a1"),
+        ("synced", ""),
+    ]
+    a1 = originals[1]["metadata"]
+    assert recorder.deleted == [
+        {"metadata": {"name": "a1", "namespace": "default", "resourceVersion": a1["resourceVersion"]}}
+    ]
+    assert list_queries(api) == [("3", False), ("3", True), (None, False)]
+    fallback = [e for e in logs if e["event"] == "list_expired_paging"]
+    assert [(e["log_level"], e["pages"], e["resource"]) for e in fallback] == [("warning", 1, "services")]
+    assert "410" in fallback[0]["error"]
+    assert reflector.resource_version == str(api.resource_version)
+    assert store.keys() == [f"default/a{i}" for i in (0, 2, 3, 4, 5, 6, 7)]
+    api.create("services", service("a8"))  # and watching from the full list's resourceVersion
+    assert recorder.wait_calls(12)[-1] == ("add", "default/a8")
+
+
+def test_a_failed_page_restarts_the_list_from_the_first_page(api: FakeAPIServer, start: Start) -> None:
+    for i in range(5):
+        api.create("services", service(f"a{i}"))
+    recorder = WriteDuringList(lambda: api.fail_next("services", 1, status=500))
+    store = KeyStore(recorder)
+    reflector = start(sink=store, page_size=2)
+    synced(reflector, api)
+    assert list_queries(api) == [("2", False), ("2", True), ("2", False), ("2", True), ("2", True)]
+    # The first attempt's page was delivered; the retry's is the same objects, not reported twice.
+    assert recorder.wait_calls(6) == [("add", f"default/a{i}") for i in range(5)] + [("synced", "")]
+    assert store.keys() == [f"default/a{i}" for i in range(5)]
+
+
+def test_the_daemons_informer_sees_adds_updates_deletes_and_relists_as_store_does(
+    api: FakeAPIServer, configuration: k8s.Configuration
+) -> None:
+    for name in ("a", "b", "c"):
+        api.create("services", service(name))
+    target = ServiceTarget()
+    reflector, store = key_informer(SERVICES, configuration, target, backoff=RecordingBackoff(), page_size=2)
+    with reflector:
+        synced(reflector, api)
+        assert target.wait_calls(4) == [
+            ("add", "default/a"),
+            ("add", "default/b"),
+            ("add", "default/c"),
+            ("synced", ""),
+        ]
+        with api.batch():  # none of this is streamed: only the 410, then the relist tells
+            api.delete("services", "b")
+            changed = service("a")
+            changed["spec"]["clusterIP"] = "172.30.0.99"
+            api.update("services", changed)
+            api.create("services", service("d"))
+            api.expire_history()
+        # As Store, but the relist's delete comes last: only the end of a list tells what is gone.
+        assert target.wait_calls(7)[4:] == [("update", "default/a"), ("add", "default/d"), ("delete", "default/b")]
+        assert store.keys() == ["default/a", "default/c", "default/d"]
+        assert api.wait_for_watches("services", 1, DEADLINE)
+        api.delete("services", "c")
+        assert target.wait_calls(8)[-1] == ("delete", "default/c")
+        assert target.deleted[-1]["spec"]["clusterIP"] == "172.30.0.10"  # the watch's own last state
+        assert len(store) == 2
+
+
+def calls_by_key(calls: list[tuple[str, str]]) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for what, key in calls:
+        found.setdefault(key, []).append(what)
+    return found
+
+
+def test_the_lean_store_reports_what_the_caching_store_reports() -> None:
+    def svc(name: str, rv: str) -> Obj:
+        obj = service(name)
+        obj["metadata"]["resourceVersion"] = rv
+        return obj
+
+    def feed(sink: Any) -> None:
+        sink.begin_list()
+        sink.list_page([svc("a", "1"), svc("b", "2")])
+        sink.list_page([svc("c", "3")])
+        sink.end_list("3")
+        sink.update(svc("a", "4"))
+        sink.add(svc("b", "5"))  # re-entering a selector: an update
+        sink.delete(svc("z", "6"))  # never seen: nothing to forget
+        sink.delete(svc("c", "7"))
+        sink.begin_list()
+        sink.list_page([svc("a", "4")])  # a list cut short, begun again
+        sink.begin_list()
+        sink.list_page([svc("a", "4"), svc("d", "8")])
+        sink.end_list("9")
+
+    caching, lean = Recorder(), Recorder()
+    feed(Store(caching))
+    feed(KeyStore(lean))
+    assert (
+        calls_by_key(lean.calls)
+        == calls_by_key(caching.calls)
+        == {
+            "default/a": ["add", "update"],
+            "default/b": ["add", "update", "delete"],
+            "default/c": ["add", "delete"],
+            "": ["synced"],
+            "default/d": ["add"],
+        }
+    )
+    assert [old["metadata"]["resourceVersion"] for old, _ in lean.updates] == ["1", "2"]
