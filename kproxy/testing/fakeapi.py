@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import copy
 import json
 import secrets
@@ -405,6 +406,7 @@ class FakeAPIServer:
         self._compacted = initial_resource_version  # a watch from RV r needs r >= this
         self._history: deque[_Event] = deque()
         self._store: dict[ResourceType, dict[str, Obj]] = {rt: {} for rt in self._resources}
+        self._sorted_keys: dict[ResourceType, list[str]] = {}
         self._watches: set[_Watch] = set()
         self._connections: set[socket.socket] = set()
         self._failures: dict[tuple[str, str], _Failure] = {}
@@ -656,6 +658,7 @@ class FakeAPIServer:
         return self._rv
 
     def _record(self, rt: ResourceType, type_: str, obj: Obj, old: Obj | None) -> None:
+        self._sorted_keys.pop(rt, None)
         self._history.append(_Event(self._rv, rt, type_, copy.deepcopy(obj), old))
         while len(self._history) > self._history_size:
             # A watch from before the evicted event can no longer be served exactly.
@@ -766,35 +769,48 @@ class FakeAPIServer:
                 expired = ApiError(410, "Expired", _CONTINUE_EXPIRED)
                 expired.continue_token = _encode_continue(-1, after)
                 raise expired
-        state = self._store[rt] if latest else self._state_at(rt, at)
-        keys = sorted(k for k in state if k > after)
-        if namespace is not None:
-            keys = [k for k in keys if k.startswith(namespace + "/")]
+        past = None if latest else self._state_at(rt, at)
+        state = self._store[rt] if past is None else past
+        keys = self._key_order(rt) if past is None else sorted(past)
+        lo, hi = 0, len(keys)
+        if namespace is not None:  # one namespace's keys are one range: "ns/" up to "ns0"
+            lo, hi = bisect.bisect_left(keys, namespace + "/"), bisect.bisect_left(keys, namespace + "0")
+        lo = max(lo, bisect.bisect_right(keys, after))
         items: list[Obj] = []
-        examined = 0
-        for key in keys:
+        examined = lo
+        for key in keys[lo:hi]:
             examined += 1
             if selector.matches(state[key]):
                 items.append(copy.deepcopy(_without_type_meta(state[key])))
                 if len(items) == limit:
                     break
         meta: Obj = {"resourceVersion": str(at)}
-        remaining = len(keys) - examined
+        remaining = hi - examined
         if remaining > 0:
             meta["continue"] = _encode_continue(at, keys[examined - 1])
             if not selector.fields and not selector.labels:
                 meta["remainingItemCount"] = remaining
         return {"kind": rt.list_kind, "apiVersion": rt.api_version, "metadata": meta, "items": items}
 
-    def _state_at(self, rt: ResourceType, rv: int) -> dict[str, Obj]:
+    def _key_order(self, rt: ResourceType) -> list[str]:
+        """The current keys of a type, sorted; kept until the next write (lock held), so that
+        paging through a big list does not sort it once per page."""
+        keys = self._sorted_keys.get(rt)
+        if keys is None:
+            keys = self._sorted_keys[rt] = sorted(self._store[rt])
+        return keys
+
+    def _state_at(self, rt: ResourceType, rv: int) -> dict[str, Obj] | None:
         """The objects of a type as they were at `rv` >= the compacted RV: the current ones with
-        every later change undone, newest first (lock held)."""
-        state = dict(self._store[rt])
+        every later change undone, newest first; None when nothing changed since (lock held)."""
+        state: dict[str, Obj] | None = None
         for ev in reversed(self._history):
             if ev.rv <= rv:
                 break
             if ev.resource is not rt:
                 continue
+            if state is None:
+                state = dict(self._store[rt])
             meta = ev.obj["metadata"]
             key = _key(rt, meta.get("namespace"), meta["name"])
             if ev.old is None:
