@@ -7,6 +7,8 @@ As upstream's ServiceChangeTracker and EndpointsChangeTracker (pkg/proxy/*change
   the latest pending one; an event that brings an object back to what the last snapshot saw drops
   the pending change, so a change undone before the sync costs nothing.
 - Each `update` returns whether it left a change pending, which is when a sync is worth asking for.
+  Of `old` only the key (metadata name and namespace) is read, and only when `new` is None, so the
+  daemon's stores keep no objects (`kproxy.sources.stores.KeyStore` passes a stub).
 - A malformed object is skipped: one ``object_invalid`` log line naming the object and the field,
   and ``kproxy_invalid_objects_total{kind}``. Its previous good version is **dropped**, as upstream
   treats a Service it cannot parse as gone: the API server validates what it stores, so an object

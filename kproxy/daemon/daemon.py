@@ -266,14 +266,16 @@ class Daemon:
         """Bind the servers, apply the host settings, start watching. Syncs start once listed."""
         self._start_servers()
         self.apply_host_settings()
-        from kproxy.sources.kube import ENDPOINT_SLICES, NODES, SERVICES, informer, name_selector
+        from kproxy.sources.kube import ENDPOINT_SLICES, NODES, SERVICES, key_informer, name_selector
 
+        # The trackers convert each object as it arrives and take only the key from an update's
+        # `old`, so the stores keep keys and resourceVersions, never the API objects.
         config, opts = self._client_configuration, self._reflector_options
         node_selector = name_selector(self.cfg.proxy.node_name)
         self._reflectors = [
-            informer(SERVICES, config, self, **opts())[0],
-            informer(ENDPOINT_SLICES, config, self, **opts())[0],
-            informer(NODES, config, self, field_selector=node_selector, **opts())[0],
+            key_informer(SERVICES, config, self, **opts())[0],
+            key_informer(ENDPOINT_SLICES, config, self, **opts())[0],
+            key_informer(NODES, config, self, field_selector=node_selector, **opts())[0],
         ]
         for reflector in self._reflectors:
             reflector.start()

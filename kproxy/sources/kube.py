@@ -1,45 +1,56 @@
 """Reflectors: keep a local view of one API resource in step with the API server.
 
-A `Reflector` lists a resource, hands the whole list to its sink (`ReflectorSink.replace`), then
-watches from the list's resourceVersion and hands on every change (`add`, `update`, `delete`).
-Guarantees:
+A `Reflector` lists a resource in pages, hands each page to its sink as it arrives
+(`ReflectorSink.begin_list`, `list_page`, `end_list` with the list's resourceVersion; see
+`kproxy.sources.stores`), then watches from the list's resourceVersion and hands on every change
+(`add`, `update`, `delete`). Guarantees:
 
 - **Order and exactness.** Changes reach the sink in the order the API server sent them, on the
   reflector's own thread, one call at a time. The resourceVersion is tracked from every event,
   bookmarks included, and a watch that ends or is cut resumes from it, so nothing is delivered
   twice or lost while the API server still has the history.
+- **Paged lists, one snapshot.** A list asks for `page_size` objects at a time (``limit``, 500 by
+  default as client-go's pager) and follows ``continue``: the API server serves every page from
+  the first page's snapshot, so a list is one consistent state whatever is written meanwhile, and
+  its resourceVersion (the first page's) is where the watch starts. Each page is parsed from the
+  raw JSON (never into the client's model classes) and handed on before the next is asked for,
+  so at most one page of raw objects is alive at a time on this side. When the snapshot is
+  compacted away mid-list (410 Expired on a ``continue``), the reflector does what client-go's
+  pager does: logs ``list_expired_paging`` and lists once more in full, without ``limit``, and
+  the sink begins that list afresh.
 - **Relist on 410 Gone.** When the history is gone (an ``ERROR`` event with code 410, or HTTP 410
-  on the watch request) the reflector lists again and `replace` carries the full new state; the
-  sink works out what was added, changed or deleted meanwhile (`Store` does exactly that).
+  on the watch request) the reflector lists again and the sink, at the list's end, has the full
+  new state; it works out what was added, changed or deleted meanwhile (both stores do).
   The official client's ``watch.Watch`` gives up after one expired resourceVersion, which is why
   the stream is read here, line by line, over the raw response.
-- **Bounded retries.** A failed list, a refused connection, an API error or a cut stream is
-  retried after a jittered exponential backoff: 0.5 s doubling to 4 s, each delay up to 25 %
-  longer (`BACKOFF_CAP`). So once the API server answers again after an outage of any length,
-  every reflector is back within 5 s, and a change made then is programmed one sync later. The
-  backoff is reset by success: a list that succeeded, or a watch that moved the resourceVersion
-  forward or stayed open for `min_watch_duration`. A server that accepts and at once drops every
-  watch without events therefore still backs off, so no failure mode can spin.
-- **Synced.** `has_synced`/`wait_synced` turn true after the first list has been handed to the
-  sink, and stay true across relists.
+- **Bounded retries.** A failed list (any page), a refused connection, an API error or a cut
+  stream is retried after a jittered exponential backoff: 0.5 s doubling to 4 s, each delay up
+  to 25 % longer (`BACKOFF_CAP`); a list is retried from its first page. So once the API server
+  answers again after an outage of any length, every reflector is back within 5 s, and a change
+  made then is programmed one sync later. The backoff is reset by success: a complete list, or a
+  watch that moved the resourceVersion forward or stayed open for `min_watch_duration`. A server
+  that accepts and at once drops every watch without events therefore still backs off, so no
+  failure mode can spin.
+- **Synced.** `has_synced`/`wait_synced` turn true after the first complete list has been handed
+  to the sink, and stay true across relists.
 - **Prompt stop.** `stop` ends the thread within about a second whatever it is blocked on: every
-  socket the reflector's client opens is tracked and shut down. Independently, each watch asks the
-  server for a bounded ``timeoutSeconds`` and reads with a socket timeout a little longer than it.
+  socket the reflector's client opens is tracked and shut down, and no further page is asked for.
+  Independently, each watch asks the server for a bounded ``timeoutSeconds`` and reads with a
+  socket timeout a little longer than it.
 - **Loud bugs.** An exception raised by the sink is not retried: the reflector logs
   ``reflector_crashed``, keeps the exception in `error` and ends.
 
-`Store` is the usual sink: a thread-safe cache keyed ``namespace/name`` that turns the reflector's
-stream into handler calls with the previous object (`Handler.on_update(old, new)`), including the
-differences a relist reveals. `named_handler` binds those calls to methods named
-``on_<kind>_add/update/delete/synced`` (kproxy's handler convention), and `informer` wires the
-three together.
+`informer` wires a reflector to a `Store` (which keeps every object, for consumers that read
+them back) and `key_informer` to a `KeyStore` (which keeps only keys and resourceVersions, for
+consumers that convert each object as it arrives: the daemon); both call
+``on_<kind>_add/update/delete/synced`` (kproxy's handler convention, `named_handler`).
 
 Objects are plain dicts shaped as ``kubectl get -o json`` prints them (what `kproxy.convert`
 takes); nothing here deserialises into the client's model classes. The `kubernetes` client is
 confined to this module (and `convert`), as the layer contract says.
 
-Why one module of ~790 lines: the reflector's retry, relist and stop guarantees depend on each
-other (a socket registry for prompt stops, the backoff, the store's diff on relist), and this
+Why one module of ~700 lines: the reflector's retry, relist, paging and stop guarantees depend
+on each other (a socket registry for prompt stops, the backoff, the pager's fallback), and this
 module is also where the `kubernetes` client is confined.
 """
 
@@ -53,7 +64,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 import urllib3
@@ -63,6 +74,15 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from kproxy.errors import ConfigError, WatchError
+from kproxy.sources.stores import (
+    Handler,
+    KeyStore,
+    ReflectorSink,
+    Store,
+    named_handler,
+    object_key,
+    resource_version_of,
+)
 
 Obj = dict[str, Any]
 
@@ -76,11 +96,13 @@ __all__ = [
     "SERVICES",
     "Backoff",
     "Handler",
+    "KeyStore",
     "Reflector",
     "ReflectorSink",
     "Resource",
     "Store",
     "informer",
+    "key_informer",
     "load_client_configuration",
     "name_selector",
     "named_handler",
@@ -123,19 +145,6 @@ def name_selector(name: str) -> str:
 def node_pods_selector(node: str) -> str:
     """Field selector for the pods scheduled on one node (hostPort programming needs only those)."""
     return f"spec.nodeName={node}"
-
-
-def object_key(obj: Obj) -> str:
-    """``namespace/name``, or ``name`` for cluster-scoped objects (client-go's key function)."""
-    meta = obj.get("metadata") or {}
-    name = str(meta.get("name", ""))
-    namespace = meta.get("namespace")
-    return f"{namespace}/{name}" if namespace else name
-
-
-def _resource_version(obj: Obj) -> str | None:
-    rv = (obj.get("metadata") or {}).get("resourceVersion")
-    return str(rv) if rv else None
 
 
 # The client's loaders are untyped; these names give them a type once.
@@ -214,146 +223,20 @@ class Backoff:
         self._failures = 0
 
 
-# -- sinks and handlers ------------------------------------------------------------------------
-
-
-class ReflectorSink(Protocol):
-    """What a reflector feeds. Called on the reflector's thread only, one call at a time."""
-
-    def replace(self, items: list[Obj], resource_version: str) -> None:
-        """The complete current state (after every list, the first one and each relist)."""
-
-    def add(self, obj: Obj) -> None: ...
-
-    def update(self, obj: Obj) -> None: ...
-
-    def delete(self, obj: Obj) -> None:
-        """`obj` is the object's last state as the API server reports it."""
-
-
-class Handler(Protocol):
-    """Change notifications with the previous state, as kproxy's trackers want them."""
-
-    def on_add(self, obj: Obj) -> None: ...
-
-    def on_update(self, old: Obj, new: Obj) -> None: ...
-
-    def on_delete(self, obj: Obj) -> None: ...
-
-    def on_synced(self) -> None:
-        """Once: every object of the first list has been passed to `on_add`."""
-
-
-class _NamedHandler:
-    """Adapts ``target.on_<prefix>_add/update/delete/synced`` to `Handler`."""
-
-    def __init__(self, target: object, prefix: str) -> None:
-        self.on_add: Callable[[Obj], None] = getattr(target, f"on_{prefix}_add")
-        self.on_update: Callable[[Obj, Obj], None] = getattr(target, f"on_{prefix}_update")
-        self.on_delete: Callable[[Obj], None] = getattr(target, f"on_{prefix}_delete")
-        self.on_synced: Callable[[], None] = getattr(target, f"on_{prefix}_synced")
-
-
-def named_handler(target: object, prefix: str) -> Handler:
-    """A `Handler` calling ``target.on_<prefix>_add(obj)``, ``..._update(old, new)``,
-    ``..._delete(obj)`` and ``..._synced()``; missing methods fail here, not at the first event."""
-    return _NamedHandler(target, prefix)
-
-
-class Store:
-    """A `ReflectorSink` that caches objects by key and reports changes with their old state.
-
-    `replace` compares the new list with the cache: objects gone are reported deleted (with their
-    last cached state), new ones added, and ones whose resourceVersion changed updated; objects
-    that did not change are not reported. Deletes are reported first, then adds and updates, each
-    in key order. `on_synced` follows the first `replace`. Reads (`get`, `objects`, `keys`) are
-    safe from any thread; handler calls come after the cache is updated, so a handler reading it
-    sees the change.
-    """
-
-    def __init__(self, handler: Handler | None = None) -> None:
-        self._handler = handler
-        self._lock = threading.Lock()
-        self._items: dict[str, Obj] = {}
-        self._resource_version: str | None = None
-        self._synced = False
-
-    @property
-    def resource_version(self) -> str | None:
-        """The resourceVersion of the last list (objects carry their own)."""
-        with self._lock:
-            return self._resource_version
-
-    def get(self, key: str) -> Obj | None:
-        with self._lock:
-            return self._items.get(key)
-
-    def objects(self) -> list[Obj]:
-        """Every cached object, in key order."""
-        with self._lock:
-            return [self._items[k] for k in sorted(self._items)]
-
-    def keys(self) -> list[str]:
-        with self._lock:
-            return sorted(self._items)
-
-    def replace(self, items: list[Obj], resource_version: str) -> None:
-        new = {object_key(obj): obj for obj in items}
-        with self._lock:
-            old = self._items
-            self._items = new
-            self._resource_version = resource_version
-            first = not self._synced
-            self._synced = True
-        handler = self._handler
-        if handler is None:
-            return
-        for key in sorted(old.keys() - new.keys()):
-            handler.on_delete(old[key])
-        for key in sorted(new):
-            before = old.get(key)
-            if before is None:
-                handler.on_add(new[key])
-            elif _resource_version(before) != _resource_version(new[key]) or (
-                _resource_version(before) is None and before != new[key]
-            ):
-                handler.on_update(before, new[key])
-        if first:
-            handler.on_synced()
-
-    def add(self, obj: Obj) -> None:
-        # ADDED for a key we hold happens when an object re-enters a selector; it is an update.
-        self.update(obj)
-
-    def update(self, obj: Obj) -> None:
-        key = object_key(obj)
-        with self._lock:
-            before = self._items.get(key)
-            self._items[key] = obj
-        if self._handler is None:
-            return
-        if before is None:
-            self._handler.on_add(obj)
-        else:
-            self._handler.on_update(before, obj)
-
-    def delete(self, obj: Obj) -> None:
-        key = object_key(obj)
-        with self._lock:
-            before = self._items.pop(key, None)
-        if before is None:
-            # Never seen (or already removed by a relist): the handler has nothing to forget.
-            log.debug("watch_delete_unknown", key=key)
-            return
-        if self._handler is not None:
-            self._handler.on_delete(obj)
-
-
 # -- the reflector -----------------------------------------------------------------------------
 
 
 class _Gone(Exception):
     """The watch's resourceVersion is too old (410): list again."""
+
+
+class _ContinueExpired(Exception):
+    """A later page of a list answered 410: the first page's snapshot is gone."""
+
+    def __init__(self, error: ApiException, pages: int) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.pages = pages
 
 
 class _SinkFailed(Exception):
@@ -453,6 +336,7 @@ class Reflector:
     reflector builds and closes its own ``ApiClient``. `backoff`, `clock` and `rand` are
     injectable for tests. `watch_timeout` is the base of the server-side ``timeoutSeconds``
     (randomised up to twice that, as client-go does, so a fleet does not reconnect in step).
+    `page_size` is the ``limit`` of each list request (0 lists everything in one response).
     """
 
     def __init__(
@@ -471,7 +355,10 @@ class Reflector:
         list_timeout: float = 60.0,
         connect_timeout: float = 10.0,
         min_watch_duration: float = 1.0,
+        page_size: int = 500,
     ) -> None:
+        if page_size < 0:
+            raise ValueError("page_size must be 0 (no paging) or more")
         self.resource = resource
         self.sink = sink
         self._configuration = configuration
@@ -485,6 +372,7 @@ class Reflector:
         self._list_timeout = list_timeout
         self._connect_timeout = connect_timeout
         self._min_watch_duration = min_watch_duration
+        self._page_size = page_size
         self._stop = threading.Event()
         self._synced = threading.Event()
         self._rv: str | None = None
@@ -647,28 +535,69 @@ class Reflector:
 
     def _list(self) -> None:
         # No resourceVersion: a consistent read of the latest state (after a 410 that matters;
-        # RV "0" could be served from a stale cache).
-        resp = self._list_function()(
-            **self._selectors(),
-            _preload_content=False,
-            _request_timeout=(self._connect_timeout, self._list_timeout),
-        )
+        # RV "0" could be served from a stale cache, and would ignore the limit besides).
+        self._deliver(self.sink.begin_list)
         try:
-            body = json.loads(resp.data)
-        finally:
-            resp.release_conn()
-        if not isinstance(body, dict) or not isinstance(body.get("items"), list):
-            raise WatchError(f"list of {self.resource.name} is not a list object")
-        rv = _resource_version(body)
-        if rv is None:
-            raise WatchError(f"list of {self.resource.name} has no resourceVersion")
-        items = _with_type_meta(body)
-        self._deliver(self.sink.replace, items, rv)
+            rv, items = self._list_pages(self._page_size)
+        except _ContinueExpired as exc:
+            # The first page's snapshot was compacted while we paged: client-go's pager lists
+            # again in full, which needs no snapshot to outlive a request. What was delivered
+            # stays delivered; the full list's end tells the sink what is gone.
+            self._emit("warning", "list_expired_paging", pages=exc.pages, error=_describe(exc.error))
+            self._deliver(self.sink.begin_list)
+            rv, items = self._list_pages(0)
+        self._deliver(self.sink.end_list, rv)
         self._set_resource_version(rv)
-        self._emit("debug", "watch_listed", resource_version=rv, items=len(body["items"]))
+        self._emit("debug", "watch_listed", resource_version=rv, items=items)
         if not self._synced.is_set():
             self._synced.set()
-            self._emit("info", "watch_synced", resource_version=rv, items=len(body["items"]))
+            self._emit("info", "watch_synced", resource_version=rv, items=items)
+
+    def _list_pages(self, limit: int) -> tuple[str, int]:
+        """Ask for pages of `limit` objects (0: all at once) and hand each to the sink.
+
+        Returns the list's resourceVersion (its first page's) and how many objects it had.
+        """
+        token: str | None = None
+        rv: str | None = None
+        items = pages = 0
+        while True:
+            if self._stop.is_set():
+                raise _Stopped
+            paging: dict[str, Any] = {"limit": limit} if limit > 0 else {}
+            if token:
+                paging["_continue"] = token
+            try:
+                resp = self._list_function()(
+                    **self._selectors(),
+                    **paging,
+                    _preload_content=False,
+                    _request_timeout=(self._connect_timeout, self._list_timeout),
+                )
+            except ApiException as exc:
+                if exc.status == 410 and token:
+                    raise _ContinueExpired(exc, pages) from exc
+                raise
+            try:
+                body = json.loads(resp.data)
+            finally:
+                resp.release_conn()
+            if not isinstance(body, dict) or not isinstance(body.get("items"), list):
+                raise WatchError(f"list of {self.resource.name} is not a list object")
+            meta = body.get("metadata") or {}
+            if rv is None:
+                rv = resource_version_of(body)
+                if rv is None:
+                    raise WatchError(f"list of {self.resource.name} has no resourceVersion")
+            page = _with_type_meta(body)
+            del body  # the page's dicts live on in `page` only until the sink has them
+            pages += 1
+            items += len(page)
+            self._deliver(self.sink.list_page, page)
+            del page
+            token = meta.get("continue") or None
+            if token is None:
+                return rv, items
 
     def _watch(self) -> None:
         timeout_seconds = max(1, int(self._watch_timeout * (1 + self._rand())))
@@ -708,7 +637,7 @@ class Reflector:
             if code == 410:
                 raise _Gone(message)
             raise WatchError(f"watch error {code} {reason}: {message}")
-        rv = _resource_version(obj)
+        rv = resource_version_of(obj)
         if kind == "ADDED":
             self._deliver(self.sink.add, obj)
         elif kind == "MODIFIED":
@@ -793,4 +722,17 @@ def informer(
     answers reads.
     """
     store = Store(named_handler(target, resource.handler_prefix))
+    return Reflector(resource, configuration, store, **options), store
+
+
+def key_informer(
+    resource: Resource, configuration: k8s.Configuration, target: object, **options: Any
+) -> tuple[Reflector, KeyStore]:
+    """A reflector feeding a `KeyStore` that calls ``target.on_<kind>_add/update/delete/synced``.
+
+    For targets that convert each object as it arrives and keep nothing of the dict: the store
+    holds keys and resourceVersions only, and the ``old`` of an update is a stub (see
+    `kproxy.sources.stores`). `options` go to `Reflector`.
+    """
+    store = KeyStore(named_handler(target, resource.handler_prefix))
     return Reflector(resource, configuration, store, **options), store

@@ -29,17 +29,29 @@ What it guarantees, because the reflector's tests depend on it:
   same etcd.
 - Every request is recorded (`requests`), and tests wait on the server's state with
   `wait_for(predicate, timeout)`, woken by every change, never by polling.
+- Lists page as etcd3's store does: with ``limit`` a list answers at most that many items in
+  key order (namespace/name) and, when keys are left, ``metadata.continue`` (opaque: unpadded
+  base64 of JSON with the list's RV and the last key) and ``remainingItemCount`` (only when no
+  selector filters, as then the count is known). Every page of a list is served from the first
+  page's snapshot and carries its RV, whatever is written between the requests (the state at that
+  RV is rebuilt from the history). A token whose RV is older than the compacted history answers
+  410 ``Expired`` with etcd3's message and, as the real server does, a fresh token that continues
+  from the latest state (inconsistently); a malformed token, or one sent with a
+  ``resourceVersion``, answers 400 ``BadRequest``. ``limit`` is ignored on a watch and on a list
+  with ``resourceVersion=0`` (the watch cache serves those whole).
 
-Deliberately simple: no auth, no admission, no defaulting, no pagination (``limit`` is ignored,
-which the API allows), merge patches only. The resource table (`RESOURCES`) is data: another kind
-is one more `ResourceType` line.
+Deliberately simple: no auth, no admission, no defaulting, merge patches only. The resource
+table (`RESOURCES`) is data: another kind is one more `ResourceType` line.
 
-Why one module of ~1,000 lines: a faithful fake of one protocol (resourceVersion, bookmarks, 410,
-selectors, status subresources, chunked watches) whose parts share one store and one lock.
+Why one module of ~1,150 lines: a faithful fake of one protocol (resourceVersion, bookmarks, 410,
+paging, selectors, status subresources, chunked watches) whose parts share one store and one lock.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import bisect
 import copy
 import json
 import secrets
@@ -157,6 +169,7 @@ class ApiError(Exception):
         self.code = code
         self.reason = reason
         self.message = message
+        self.continue_token: str | None = None  # a 410 on a continued list offers one
 
 
 def _status(code: int, reason: str, message: str) -> Obj:
@@ -185,6 +198,64 @@ _REASONS = {
     503: "ServiceUnavailable",
     504: "Timeout",
 }
+
+
+# -- paging ------------------------------------------------------------------------------------
+
+# etcd3's store's words for a continue token whose snapshot was compacted (it hands out a token
+# to continue from the latest state with the 410, which is what the last sentence is about).
+_CONTINUE_EXPIRED = (
+    "The provided continue parameter is too old to display a consistent list result. You can "
+    "start a new list without the continue parameter, or use the continue token in this response "
+    "to retrieve the remainder of the results. Continuing with the provided token results in an "
+    "inconsistent list - objects that were created, modified, or deleted between the time the "
+    "first chunk was returned and now may show up in the list."
+)
+_TOKEN_VERSION = "meta.k8s.io/v1"
+
+
+def _encode_continue(rv: int, last_key: str) -> str:
+    """The real server's token: unpadded URL-safe base64 of JSON holding the list's RV and the
+    key to start from (the last key returned, plus the smallest suffix, NUL)."""
+    raw = json.dumps({"v": _TOKEN_VERSION, "rv": rv, "start": last_key + "\x00"}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_continue(token: str) -> tuple[int, str]:
+    """(RV, key to list after) of a token, or 400 as the real server answers a bad one."""
+
+    def invalid(why: str) -> ApiError:
+        return ApiError(400, "BadRequest", f"invalid continue token: continue key is not valid: {why}")
+
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        data = json.loads(raw)
+    except (ValueError, binascii.Error) as exc:
+        raise invalid(str(exc)) from exc
+    if not isinstance(data, dict) or data.get("v") != _TOKEN_VERSION:
+        raise invalid("server does not recognize this encoded key")
+    rv, start = data.get("rv"), data.get("start")
+    if not isinstance(rv, int) or isinstance(rv, bool) or rv == 0:
+        raise invalid(f"incorrect encoded start resourceVersion (version {_TOKEN_VERSION})")
+    if not isinstance(start, str) or not start:
+        raise invalid(f"encoded start key empty (version {_TOKEN_VERSION})")
+    # The start key is the last key returned plus NUL: list the keys after that last key.
+    return rv, start.removesuffix("\x00")
+
+
+def _paging(query: Mapping[str, str]) -> tuple[int, str | None]:
+    """``limit`` (0: unlimited) and ``continue`` of a list request, checked as the server does."""
+    text = query.get("limit", "")
+    try:
+        limit = int(text) if text else 0
+    except ValueError as exc:
+        raise ApiError(400, "BadRequest", f"invalid limit {text!r}") from exc
+    token = query.get("continue") or None
+    if token is not None and query.get("resourceVersion"):
+        raise ApiError(400, "BadRequest", "specifying resource version is not allowed when using continue")
+    if token is None and query.get("resourceVersion") == "0":
+        limit = 0  # served from the watch cache, which ignores limit
+    return max(limit, 0), token
 
 
 # -- selectors ---------------------------------------------------------------------------------
@@ -335,6 +406,7 @@ class FakeAPIServer:
         self._compacted = initial_resource_version  # a watch from RV r needs r >= this
         self._history: deque[_Event] = deque()
         self._store: dict[ResourceType, dict[str, Obj]] = {rt: {} for rt in self._resources}
+        self._sorted_keys: dict[ResourceType, list[str]] = {}
         self._watches: set[_Watch] = set()
         self._connections: set[socket.socket] = set()
         self._failures: dict[tuple[str, str], _Failure] = {}
@@ -586,6 +658,7 @@ class FakeAPIServer:
         return self._rv
 
     def _record(self, rt: ResourceType, type_: str, obj: Obj, old: Obj | None) -> None:
+        self._sorted_keys.pop(rt, None)
         self._history.append(_Event(self._rv, rt, type_, copy.deepcopy(obj), old))
         while len(self._history) > self._history_size:
             # A watch from before the evicted event can no longer be served exactly.
@@ -673,6 +746,78 @@ class FakeAPIServer:
             "metadata": {"resourceVersion": str(self._rv)},
             "items": items,
         }
+
+    def _list_page(
+        self, rt: ResourceType, namespace: str | None, selector: _Selector, limit: int, token: str | None
+    ) -> Obj:
+        """One page of at most `limit` objects, as etcd3's store serves it (lock held).
+
+        The first page reads the latest state; a continued one reads the state at the token's
+        resourceVersion (rebuilt from the history, as etcd reads an old revision), from the key
+        after the token's. Objects are taken in key order until `limit` of them match; the page
+        says ``continue`` when keys are left after its last one, and ``remainingItemCount`` (how
+        many) when nothing filters them, as only then does the server know.
+        """
+        if token is None:
+            at, after, latest = self._rv, "", True
+        else:
+            at, after = _decode_continue(token)
+            latest = at == -1  # the inconsistent continuation a 410 hands out: read the latest state
+            if latest:
+                at = self._rv
+            elif at < self._compacted:
+                expired = ApiError(410, "Expired", _CONTINUE_EXPIRED)
+                expired.continue_token = _encode_continue(-1, after)
+                raise expired
+        past = None if latest else self._state_at(rt, at)
+        state = self._store[rt] if past is None else past
+        keys = self._key_order(rt) if past is None else sorted(past)
+        lo, hi = 0, len(keys)
+        if namespace is not None:  # one namespace's keys are one range: "ns/" up to "ns0"
+            lo, hi = bisect.bisect_left(keys, namespace + "/"), bisect.bisect_left(keys, namespace + "0")
+        lo = max(lo, bisect.bisect_right(keys, after))
+        items: list[Obj] = []
+        examined = lo
+        for key in keys[lo:hi]:
+            examined += 1
+            if selector.matches(state[key]):
+                items.append(copy.deepcopy(_without_type_meta(state[key])))
+                if len(items) == limit:
+                    break
+        meta: Obj = {"resourceVersion": str(at)}
+        remaining = hi - examined
+        if remaining > 0:
+            meta["continue"] = _encode_continue(at, keys[examined - 1])
+            if not selector.fields and not selector.labels:
+                meta["remainingItemCount"] = remaining
+        return {"kind": rt.list_kind, "apiVersion": rt.api_version, "metadata": meta, "items": items}
+
+    def _key_order(self, rt: ResourceType) -> list[str]:
+        """The current keys of a type, sorted; kept until the next write (lock held), so that
+        paging through a big list does not sort it once per page."""
+        keys = self._sorted_keys.get(rt)
+        if keys is None:
+            keys = self._sorted_keys[rt] = sorted(self._store[rt])
+        return keys
+
+    def _state_at(self, rt: ResourceType, rv: int) -> dict[str, Obj] | None:
+        """The objects of a type as they were at `rv` >= the compacted RV: the current ones with
+        every later change undone, newest first; None when nothing changed since (lock held)."""
+        state: dict[str, Obj] | None = None
+        for ev in reversed(self._history):
+            if ev.rv <= rv:
+                break
+            if ev.resource is not rt:
+                continue
+            if state is None:
+                state = dict(self._store[rt])
+            meta = ev.obj["metadata"]
+            key = _key(rt, meta.get("namespace"), meta["name"])
+            if ev.old is None:
+                state.pop(key, None)
+            else:
+                state[key] = ev.old
+        return state
 
     def _take_failure(self, rt: ResourceType, verb: str) -> int | None:
         failure = self._failures.get((rt.plural, verb))
@@ -944,7 +1089,10 @@ class _Handler(BaseHTTPRequestHandler):
             code, answer = self.handle_verb(verb, rt, namespace, name, sub, query, body)
             self.send_json(code, answer)
         except ApiError as err:
-            self.send_json(err.code, _status(err.code, err.reason, err.message))
+            status = _status(err.code, err.reason, err.message)
+            if err.continue_token is not None:
+                status["metadata"]["continue"] = err.continue_token
+            self.send_json(err.code, status)
         except OSError:
             self.close_connection = True
 
@@ -1002,7 +1150,10 @@ class _Handler(BaseHTTPRequestHandler):
             if delay:
                 # Simulated latency of a big list; cut short when the server stops.
                 fake._stopping.wait(delay)
+            limit, token = _paging(query)
             with fake._cond:
+                if limit or token is not None:
+                    return 200, fake._list_page(rt, namespace, selector, limit, token)
                 return 200, fake._list(rt, namespace, selector)
         if verb == "create":
             if name is not None or not isinstance(body, dict):

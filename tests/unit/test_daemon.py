@@ -90,7 +90,11 @@ class World:
         return self.ipts[IPFamily.V4]
 
     def start(
-        self, *flags: str, families: tuple[IPFamily, ...] = (IPFamily.V4,), after_first_sync: Any = None
+        self,
+        *flags: str,
+        families: tuple[IPFamily, ...] = (IPFamily.V4,),
+        after_first_sync: Any = None,
+        page_size: int = 500,
     ) -> Daemon:
         kubeconfig = self.api.write_kubeconfig(self.tmp / "kubeconfig")
         given: dict[str, Any] = {
@@ -148,7 +152,7 @@ class World:
             metrics=ProxyMetrics(CollectorRegistry()),
             clock=self.clock,
             wall_clock=self.wall,
-            reflector_options=lambda: {"backoff": Backoff(0.01, 0.05)},
+            reflector_options=lambda: {"backoff": Backoff(0.01, 0.05), "page_size": page_size},
             after_first_sync=after_first_sync,
         )
         stop = threading.Event()
@@ -474,6 +478,43 @@ def test_invalid_object_is_skipped_and_the_rest_programmed(world: World) -> None
     assert sample(daemon, "kproxy_invalid_objects_total", kind="Service") == 1
     assert svc_chain() in world.ipt.chains("nat")
     assert any(e["event"] == "object_invalid" and e["object"] == "Service ns1/bad" for e in logs)
+
+
+def test_lists_come_in_pages_and_an_invalid_object_on_one_is_skipped_alone(world: World) -> None:
+    ips = {f"svc{i}": f"172.30.0.{50 + i}" for i in range(2, 7)}
+    for name, ip in ips.items():
+        bad = name == "svc4"
+        world.api.create("services", service(name=name, cluster_ip=ip, protocol="HTTP" if bad else "TCP"))
+        world.api.create("endpointslices", endpoint_slice(name, endpoints=[endpoint(f"10.0.2.{ip[-2:]}", "node-1")]))
+    with capture_logs() as logs:
+        daemon = world.start(page_size=2)
+        world.settle(daemon, 1)
+    # Six Services and six slices: three pages of each, converted as they came.
+    for resource in ("services", "endpointslices"):
+        limits = [r.query.get("limit") for r in world.api.requests("list", resource)]
+        assert limits == ["2", "2", "2"], resource
+    assert sample(daemon, "kproxy_invalid_objects_total", kind="Service") == 1
+    invalid = [e for e in logs if e["event"] == "object_invalid"]
+    assert [(e["object"], e["field"]) for e in invalid] == [("Service ns1/svc4", "spec.ports[0].protocol")]
+    nat = world.ipt.chains("nat")
+    for name in ("svc1", "svc2", "svc3", "svc5", "svc6"):
+        assert names.service_chain(ServicePortName("ns1", name, "p80", Protocol.TCP)) in nat, name
+    assert names.service_chain(ServicePortName("ns1", "svc4", "p80", Protocol.TCP)) not in nat
+
+
+def test_a_service_deleted_while_the_history_expired_goes_after_the_relist(world: World) -> None:
+    world.api.create("services", service(name="svc2", cluster_ip="172.30.0.52"))
+    world.api.create("endpointslices", endpoint_slice("svc2", endpoints=[endpoint("10.0.1.52", "node-1")]))
+    daemon = world.start(page_size=1)
+    world.settle(daemon, 1)
+    gone = names.service_chain(ServicePortName("ns1", "svc2", "p80", Protocol.TCP))
+    assert gone in world.ipt.chains("nat")
+    with world.api.batch():  # no watch sees the delete: only the relist's end can tell
+        world.api.delete("services", "svc2", namespace="ns1")
+        world.api.expire_history()
+    world.settle(daemon, 2)
+    assert gone not in world.ipt.chains("nat")
+    assert svc_chain() in world.ipt.chains("nat")
 
 
 def test_health_check_node_port_of_an_etp_local_load_balancer(world: World) -> None:

@@ -7,6 +7,8 @@ which also check that no thread is left behind.
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,9 +25,11 @@ from kproxy.sources.kube import (
     NODES,
     SERVICES,
     Backoff,
+    KeyStore,
     Reflector,
     Store,
     informer,
+    key_informer,
     load_client_configuration,
     name_selector,
     object_key,
@@ -558,3 +562,343 @@ def test_fake_serves_status_updates_and_events(
 def test_unusable_kubeconfig_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot load the API server configuration"):
         load_client_configuration(str(tmp_path / "missing"))
+
+
+# -- paged lists: the fake API server as the real one pages ------------------------------------
+
+
+def list_page(api_client: k8s.ApiClient, **query: Any) -> Obj:
+    """One list request through the typed client, its body as raw JSON."""
+    resp = k8s.CoreV1Api(api_client).list_service_for_all_namespaces(**query, _preload_content=False)
+    try:
+        body: Obj = json.loads(resp.data)
+    finally:
+        resp.release_conn()
+    return body
+
+
+def names_of(page: Obj) -> list[str]:
+    return [f"{o['metadata']['namespace']}/{o['metadata']['name']}" for o in page["items"]]
+
+
+def status_of(exc: k8s.ApiException) -> Obj:
+    body: Obj = json.loads(exc.body)
+    return body
+
+
+def test_pages_cover_one_snapshot_exactly_once_whatever_is_written_between_them(
+    api: FakeAPIServer, configuration: k8s.Configuration
+) -> None:
+    for ns, name in [("b", "s1"), ("a", "s2"), ("c", "s0"), ("a", "s1"), ("b", "s2"), ("c", "s1"), ("b", "s0")]:
+        api.create("services", service(name, namespace=ns))
+    snapshot = [f"{o['metadata']['namespace']}/{o['metadata']['name']}" for o in api.objects("services")]
+    with k8s.ApiClient(configuration) as api_client:
+        first = list_page(api_client, limit=3)
+        # Between the pages: a new object among the keys still to come, one of those deleted,
+        # one changed, and the history moves on (still within what it keeps).
+        api.create("services", service("s1a", namespace="b"))
+        api.delete("services", "s1", namespace="c")
+        changed = service("s2", namespace="b")
+        changed["spec"]["clusterIP"] = "172.30.0.99"
+        api.update("services", changed)
+        second = list_page(api_client, limit=3, _continue=first["metadata"]["continue"])
+        third = list_page(api_client, limit=3, _continue=second["metadata"]["continue"])
+
+    pages = [first, second, third]
+    assert [names_of(p) for p in pages] == [snapshot[0:3], snapshot[3:6], snapshot[6:7]]
+    assert snapshot == sorted(snapshot)  # key order: namespace, then name
+    assert {p["metadata"]["resourceVersion"] for p in pages} == {first["metadata"]["resourceVersion"]}
+    assert [p["metadata"].get("remainingItemCount") for p in pages] == [4, 1, None]
+    assert "continue" not in third["metadata"]
+    assert {o["spec"]["clusterIP"] for p in pages for o in p["items"]} == {"172.30.0.10"}  # as listed
+    assert [(p["kind"], p["apiVersion"]) for p in pages] == [("ServiceList", "v1")] * 3
+
+
+def test_a_selector_filters_pages_and_hides_the_remaining_count(
+    api: FakeAPIServer, configuration: k8s.Configuration
+) -> None:
+    for i in range(5):
+        api.create("services", service(f"s{i}", **({"tier": "web"} if i in (0, 3, 4) else {})))
+    with k8s.ApiClient(configuration) as api_client:
+        first = list_page(api_client, limit=2, label_selector="tier=web")
+        second = list_page(api_client, limit=2, label_selector="tier=web", _continue=first["metadata"]["continue"])
+    assert (names_of(first), names_of(second)) == (["default/s0", "default/s3"], ["default/s4"])
+    assert "remainingItemCount" not in first["metadata"]  # unknown when a selector filters
+    assert "continue" not in second["metadata"]
+
+
+def test_an_expired_continue_is_410_with_a_token_for_the_rest_from_the_latest_state(
+    api: FakeAPIServer, configuration: k8s.Configuration
+) -> None:
+    for name in ("s0", "s1", "s2", "s3"):
+        api.create("services", service(name))
+    with k8s.ApiClient(configuration) as api_client:
+        first = list_page(api_client, limit=2)
+        api.create("services", service("s4"))
+        api.expire_history()  # compaction: the first page's snapshot is gone
+        with pytest.raises(k8s.ApiException) as expired:
+            list_page(api_client, limit=2, _continue=first["metadata"]["continue"])
+        status = status_of(expired.value)
+        rest = list_page(api_client, _continue=status["metadata"]["continue"])
+    assert expired.value.status == 410
+    assert (status["reason"], status["code"]) == ("Expired", 410)
+    assert status["message"].startswith(
+        "The provided continue parameter is too old to display a consistent list result. You can start a "
+        "new list without the continue parameter, or use the continue token in this response to retrieve "
+        "the remainder of the results."
+    )
+    # The fresh token continues after the same key, from the latest state: inconsistent, as said.
+    assert names_of(rest) == ["default/s2", "default/s3", "default/s4"]
+    assert rest["metadata"]["resourceVersion"] == str(api.resource_version)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "not base64 at all!",
+        base64.urlsafe_b64encode(b"[1, 2]").decode(),
+        base64.urlsafe_b64encode(b'{"v":"meta.k8s.io/v1","rv":0,"start":"default/a\\u0000"}').decode(),
+        base64.urlsafe_b64encode(b'{"v":"meta.k8s.io/v1","rv":105,"start":""}').decode(),
+    ],
+    ids=["not-base64", "not-an-object", "no-resource-version", "no-start-key"],
+)
+def test_a_malformed_continue_token_is_400(api: FakeAPIServer, configuration: k8s.Configuration, token: str) -> None:
+    api.create("services", service("a"))
+    with k8s.ApiClient(configuration) as api_client, pytest.raises(k8s.ApiException) as refused:
+        list_page(api_client, limit=1, _continue=token)
+    assert refused.value.status == 400
+    status = status_of(refused.value)
+    assert status["reason"] == "BadRequest"
+    assert status["message"].startswith("invalid continue token: continue key is not valid")
+
+
+def test_a_continue_with_a_resource_version_is_400(api: FakeAPIServer, configuration: k8s.Configuration) -> None:
+    api.create("services", service("a"))
+    api.create("services", service("b"))
+    with k8s.ApiClient(configuration) as api_client:
+        first = list_page(api_client, limit=1)
+        with pytest.raises(k8s.ApiException) as refused:
+            list_page(api_client, limit=1, _continue=first["metadata"]["continue"], resource_version="0")
+    assert refused.value.status == 400
+
+
+def test_limit_is_ignored_by_a_watch_and_a_list_from_the_cache(
+    api: FakeAPIServer, configuration: k8s.Configuration
+) -> None:
+    for name in ("a", "b", "c"):
+        api.create("services", service(name))
+    with k8s.ApiClient(configuration) as api_client:
+        cached = list_page(api_client, limit=1, resource_version="0")
+        resp = k8s.CoreV1Api(api_client).list_service_for_all_namespaces(
+            watch=True, limit=1, timeout_seconds=1, _preload_content=False
+        )
+        try:
+            events = [json.loads(line) for line in resp.data.splitlines() if line.strip()]
+        finally:
+            resp.release_conn()
+    assert names_of(cached) == ["default/a", "default/b", "default/c"]
+    assert "continue" not in cached["metadata"]
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [
+        ("ADDED", "a"),
+        ("ADDED", "b"),
+        ("ADDED", "c"),
+    ]
+
+
+# -- paged lists: the reflector ----------------------------------------------------------------
+
+
+class WriteDuringList(Recorder):
+    """A Recorder that makes `write` happen once, at the first add. Behind a `KeyStore`, which
+    hands each page on as it arrives, that is between the first page's request and the next
+    one's, on the reflector's own thread."""
+
+    def __init__(self, write: Callable[[], None]) -> None:
+        super().__init__()
+        self._write: Callable[[], None] | None = write
+        self.added: list[Obj] = []
+
+    def on_add(self, obj: Obj) -> None:
+        if self._write is not None:
+            write, self._write = self._write, None
+            write()
+        self.added.append(obj)
+        super().on_add(obj)
+
+
+def list_queries(api: FakeAPIServer) -> list[tuple[str | None, bool]]:
+    """(limit, continued?) of every list request for services."""
+    return [(r.query.get("limit"), "continue" in r.query) for r in api.requests("list", "services")]
+
+
+def test_a_list_comes_in_pages_and_writes_between_them_arrive_by_the_watch(api: FakeAPIServer, start: Start) -> None:
+    originals = [api.create("services", service(f"a{i}")) for i in range(7)]
+    listed_at = str(api.resource_version)
+
+    def write() -> None:
+        api.create("services", service("a2x"))  # sorts among the keys still to be listed
+        api.delete("services", "a5")
+        changed = service("a4")
+        changed["spec"]["clusterIP"] = "172.30.0.99"
+        api.update("services", changed)
+
+    recorder = WriteDuringList(write)
+    store = KeyStore(recorder)
+    reflector = start(sink=store, page_size=3)
+    synced(reflector, api)
+
+    calls = recorder.wait_calls(11)
+    assert calls == [("add", f"default/a{i}") for i in range(7)] + [
+        ("synced", ""),
+        ("add", "default/a2x"),
+        ("delete", "default/a5"),
+        ("update", "default/a4"),
+    ]
+    assert list_queries(api) == [("3", False), ("3", True), ("3", True)]
+    assert api.requests("watch", "services")[0].resource_version == listed_at  # the first page's
+    assert {(o["kind"], o["apiVersion"]) for o in recorder.added} == {("Service", "v1")}
+    # What the daemon's store keeps of an object, and hands back as `old`: key and version.
+    old, new = recorder.updates[0]
+    a4 = originals[4]["metadata"]
+    assert old == {"metadata": {"name": "a4", "namespace": "default", "resourceVersion": a4["resourceVersion"]}}
+    assert new["spec"]["clusterIP"] == "172.30.0.99"
+    assert store.keys() == sorted(f"default/{n}" for n in ("a0", "a1", "a2", "a2x", "a3", "a4", "a6"))
+    assert store.version("default/a4") == new["metadata"]["resourceVersion"]
+
+
+def test_a_snapshot_expired_mid_list_falls_back_to_one_full_list_and_converges(
+    api: FakeAPIServer, start: Start
+) -> None:
+    originals = [api.create("services", service(f"a{i}")) for i in range(7)]
+
+    def write() -> None:
+        api.delete("services", "a1")  # on the page being handed over: only the relist can tell
+        changed = service("a0")
+        changed["spec"]["clusterIP"] = "172.30.0.99"
+        api.update("services", changed)
+        api.create("services", service("a7"))
+        api.expire_history()  # compaction: the rest of the pages can no longer be served
+
+    recorder = WriteDuringList(write)
+    store = KeyStore(recorder)
+    with structlog.testing.capture_logs() as logs:
+        reflector = start(sink=store, page_size=3)
+        synced(reflector, api)
+    calls = recorder.wait_calls(11)
+
+    assert calls == [
+        ("add", "default/a0"),
+        ("add", "default/a1"),
+        ("add", "default/a2"),
+        # The full list: a2 is unchanged and not reported again; a1 is gone at its end.
+        ("update", "default/a0"),
+        ("add", "default/a3"),
+        ("add", "default/a4"),
+        ("add", "default/a5"),
+        ("add", "default/a6"),
+        ("add", "default/a7"),
+        ("delete", "default/a1"),
+        ("synced", ""),
+    ]
+    a1 = originals[1]["metadata"]
+    assert recorder.deleted == [
+        {"metadata": {"name": "a1", "namespace": "default", "resourceVersion": a1["resourceVersion"]}}
+    ]
+    assert list_queries(api) == [("3", False), ("3", True), (None, False)]
+    fallback = [e for e in logs if e["event"] == "list_expired_paging"]
+    assert [(e["log_level"], e["pages"], e["resource"]) for e in fallback] == [("warning", 1, "services")]
+    assert "410" in fallback[0]["error"]
+    assert reflector.resource_version == str(api.resource_version)
+    assert store.keys() == [f"default/a{i}" for i in (0, 2, 3, 4, 5, 6, 7)]
+    api.create("services", service("a8"))  # and watching from the full list's resourceVersion
+    assert recorder.wait_calls(12)[-1] == ("add", "default/a8")
+
+
+def test_a_failed_page_restarts_the_list_from_the_first_page(api: FakeAPIServer, start: Start) -> None:
+    for i in range(5):
+        api.create("services", service(f"a{i}"))
+    recorder = WriteDuringList(lambda: api.fail_next("services", 1, status=500))
+    store = KeyStore(recorder)
+    reflector = start(sink=store, page_size=2)
+    synced(reflector, api)
+    assert list_queries(api) == [("2", False), ("2", True), ("2", False), ("2", True), ("2", True)]
+    # The first attempt's page was delivered; the retry's is the same objects, not reported twice.
+    assert recorder.wait_calls(6) == [("add", f"default/a{i}") for i in range(5)] + [("synced", "")]
+    assert store.keys() == [f"default/a{i}" for i in range(5)]
+
+
+def test_the_daemons_informer_sees_adds_updates_deletes_and_relists_as_store_does(
+    api: FakeAPIServer, configuration: k8s.Configuration
+) -> None:
+    for name in ("a", "b", "c"):
+        api.create("services", service(name))
+    target = ServiceTarget()
+    reflector, store = key_informer(SERVICES, configuration, target, backoff=RecordingBackoff(), page_size=2)
+    with reflector:
+        synced(reflector, api)
+        assert target.wait_calls(4) == [
+            ("add", "default/a"),
+            ("add", "default/b"),
+            ("add", "default/c"),
+            ("synced", ""),
+        ]
+        with api.batch():  # none of this is streamed: only the 410, then the relist tells
+            api.delete("services", "b")
+            changed = service("a")
+            changed["spec"]["clusterIP"] = "172.30.0.99"
+            api.update("services", changed)
+            api.create("services", service("d"))
+            api.expire_history()
+        # As Store, but the relist's delete comes last: only the end of a list tells what is gone.
+        assert target.wait_calls(7)[4:] == [("update", "default/a"), ("add", "default/d"), ("delete", "default/b")]
+        assert store.keys() == ["default/a", "default/c", "default/d"]
+        assert api.wait_for_watches("services", 1, DEADLINE)
+        api.delete("services", "c")
+        assert target.wait_calls(8)[-1] == ("delete", "default/c")
+        assert target.deleted[-1]["spec"]["clusterIP"] == "172.30.0.10"  # the watch's own last state
+        assert len(store) == 2
+
+
+def calls_by_key(calls: list[tuple[str, str]]) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for what, key in calls:
+        found.setdefault(key, []).append(what)
+    return found
+
+
+def test_the_lean_store_reports_what_the_caching_store_reports() -> None:
+    def svc(name: str, rv: str) -> Obj:
+        obj = service(name)
+        obj["metadata"]["resourceVersion"] = rv
+        return obj
+
+    def feed(sink: Any) -> None:
+        sink.begin_list()
+        sink.list_page([svc("a", "1"), svc("b", "2")])
+        sink.list_page([svc("c", "3")])
+        sink.end_list("3")
+        sink.update(svc("a", "4"))
+        sink.add(svc("b", "5"))  # re-entering a selector: an update
+        sink.delete(svc("z", "6"))  # never seen: nothing to forget
+        sink.delete(svc("c", "7"))
+        sink.begin_list()
+        sink.list_page([svc("a", "4")])  # a list cut short, begun again
+        sink.begin_list()
+        sink.list_page([svc("a", "4"), svc("d", "8")])
+        sink.end_list("9")
+
+    caching, lean = Recorder(), Recorder()
+    feed(Store(caching))
+    feed(KeyStore(lean))
+    assert (
+        calls_by_key(lean.calls)
+        == calls_by_key(caching.calls)
+        == {
+            "default/a": ["add", "update"],
+            "default/b": ["add", "update", "delete"],
+            "default/c": ["add", "delete"],
+            "": ["synced"],
+            "default/d": ["add"],
+        }
+    )
+    assert [old["metadata"]["resourceVersion"] for old, _ in lean.updates] == ["1", "2"]
