@@ -161,7 +161,8 @@ def test_traffic_flows_to_a_new_service(env: Env) -> None:
     env.api.create("services", WEB)
     env.api.create("endpointslices", slice_for("pod-1a", "pod-1b"))
     converges_to(env, BOTH, "ClusterIP served by both pods")
-    first = env.kproxy.events("sync_complete")[0]
+    # Packets flow as soon as the transaction lands; the sync's log line follows a moment later.
+    first = wait_for(lambda: env.kproxy.events("sync_complete"), message="the first sync logged")[0]
     assert (first["kind"], first["reason"]) == ("full", "start")
 
 

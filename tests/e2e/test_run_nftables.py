@@ -92,7 +92,8 @@ def test_traffic_flows_to_a_new_service(env: Env) -> None:
     converges_to(env, BOTH, "ClusterIP served by both pods")
     # The packets may pass before the sync's log line is written.
     wait_for(lambda: env.kproxy.events("sync_complete"), timeout=CONVERGE, message="the first sync logged")
-    first = env.kproxy.events("sync_complete")[0]
+    # Packets flow as soon as the transaction lands; the sync's log line follows a moment later.
+    first = wait_for(lambda: env.kproxy.events("sync_complete"), message="the first sync logged")[0]
     assert (first["kind"], first["reason"]) == ("full", "start")
     assert "table ip kproxy" in env.nft("list", "tables")
     assert env.kproxy_chains() == ""  # no canary nor any chain in iptables
