@@ -669,7 +669,9 @@ def test_the_lab_skips_kube_proxy_and_deploys_from_daemonset() -> None:
     applied = re.findall(r'kubectl apply -k "\$\{repo\}/([^"]+)"', deploy)
     assert applied == ["daemonset/overlays/${overlay}"]
     overlays = re.findall(r"^\s+(\w+)\) overlay=([\w-]+) ;;$", deploy, re.M)
-    assert dict(overlays) == {"iptables": "ingress", "ipvs": "ingress-ipvs"}
+    assert dict(overlays) == {"iptables": "ingress", "ipvs": "ingress-ipvs", "nftables": "ingress-nftables"}
+    modes = re.search(r"%w\[([\w ]+)\]\.include\?\(MODE\)", vagrantfile)
+    assert modes is not None and set(modes.group(1).split()) == set(dict(overlays)), "KPROXY_MODE's values"
     assert all((OVERLAYS[o] / "kustomization.yaml").exists() for _, o in overlays)
     assert 'ENV.fetch("KPROXY_MODE", "iptables")' in vagrantfile
     assert "node-role.kubernetes.io/edge=" in deploy
