@@ -360,7 +360,9 @@ def _container(objects: list[Obj], kind: str, name: str) -> Obj:
     return c
 
 
-@pytest.mark.parametrize("variant", ["base", "iptables", "ipvs", "nftables", "ingress", "ingress-ipvs", "ingress-nftables"])
+@pytest.mark.parametrize(
+    "variant", ["base", "iptables", "ipvs", "nftables", "ingress", "ingress-ipvs", "ingress-nftables"]
+)
 def test_the_configmap_loads_with_kproxys_config_loader(variant: str, tmp_path: Path) -> None:
     objects = _render(DAEMONSET if variant == "base" else OVERLAYS[variant])
     conf = tmp_path / "config.conf"
