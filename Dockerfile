@@ -32,7 +32,7 @@ ARG DEBIAN_FRONTEND=noninteractive
 #   ipset      IPVS mode: ipset save / restore
 #   conntrack  conntrack -L / -D: stale UDP flows after endpoint changes
 #   kmod       modprobe ip_vs (IPVS mode)
-#   nftables   nft list ruleset (debugging iptables-nft)
+#   nftables   nft -f - (the nftables mode); nft list ruleset (debugging)
 #   ipvsadm    ipvsadm -Ln (debugging the IPVS mode; kproxy itself speaks netlink)
 #   iproute2   ip addr / route / link (debugging; kproxy itself speaks netlink)
 RUN apt-get update \

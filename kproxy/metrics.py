@@ -148,7 +148,7 @@ class ProxyMetrics:
         self.rules_tampered = Counter(
             "kproxy_rules_tampered_total",
             "Programmed objects found changed by someone else and put back, by kind "
-            "(chain, jump, canary, ipset, virtual_server, real_server)",
+            "(chain, jump, canary, ipset, virtual_server, real_server; nftables mode: table, chain, map)",
             ["kind"],
             registry=r,
         )

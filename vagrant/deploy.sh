@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the control plane: kproxy first (nothing else can reach the `kubernetes` ClusterIP before
 # it runs), then the pod network, then the edge label for the nodes still to join.
-# Usage: deploy.sh REPO_DIR API_SERVER_IP EDGE_NODES (comma-separated) [iptables|ipvs]
+# Usage: deploy.sh REPO_DIR API_SERVER_IP EDGE_NODES (comma-separated) [iptables|ipvs|nftables]
 set -euo pipefail
 
 repo=$1
@@ -11,7 +11,8 @@ mode=${4:-iptables}
 case ${mode} in
   iptables) overlay=ingress ;;
   ipvs) overlay=ingress-ipvs ;;
-  *) echo "deploy.sh: mode must be iptables or ipvs, not ${mode}" >&2; exit 2 ;;
+  nftables) overlay=ingress-nftables ;;
+  *) echo "deploy.sh: mode must be iptables, ipvs or nftables, not ${mode}" >&2; exit 2 ;;
 esac
 export KUBECONFIG=/etc/kubernetes/admin.conf
 

@@ -28,6 +28,7 @@ import yaml
 from click.testing import CliRunner
 
 from kproxy.backends.iptables import _binary
+from kproxy.backends.nftables import Nft
 from kproxy.cli.ingress import controller as ingress_controller_cmd
 from kproxy.cli.ingress import hostports as hostports_cmd
 from kproxy.cli.run import run as run_cmd
@@ -166,13 +167,23 @@ def test_every_yaml_file_parses_into_kubernetes_objects(path: Path) -> None:
             assert d.get("metadata", {}).get("name"), f"{_rel(path)}: a {d['kind']} without a name"
 
 
-def test_the_layout_is_a_base_overlays_and_the_ipvs_component() -> None:
+MODE_COMPONENTS = ("ipvs", "nftables")
+
+
+def _mode_of(variant: str) -> str:
+    """The mode an overlay (or the base) runs: its mode component's, else iptables."""
+    return next((m for m in MODE_COMPONENTS if variant.endswith(m)), "iptables")
+
+
+def test_the_layout_is_a_base_overlays_and_the_mode_components() -> None:
     assert _kustomization(DAEMONSET)["resources"] == ["base"]
-    assert set(OVERLAYS) == {"iptables", "ipvs", "ingress", "ingress-ipvs"}
+    assert set(OVERLAYS) == {"iptables", "ipvs", "nftables", "ingress", "ingress-ipvs", "ingress-nftables"}
+    assert {p.name for p in (DAEMONSET / "components").iterdir()} == set(MODE_COMPONENTS)
     for name, overlay in OVERLAYS.items():
         k = _kustomization(overlay)
-        assert k["resources"][0] == ("../ingress" if name == "ingress-ipvs" else "../../base")
-        assert ("../../components/ipvs" in k.get("components", [])) == name.endswith("ipvs")
+        assert k["resources"][0] == ("../ingress" if name.startswith("ingress-") else "../../base")
+        for mode in MODE_COMPONENTS:
+            assert (f"../../components/{mode}" in k.get("components", [])) == name.endswith(mode)
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_rel)
@@ -349,7 +360,9 @@ def _container(objects: list[Obj], kind: str, name: str) -> Obj:
     return c
 
 
-@pytest.mark.parametrize("variant", ["base", "iptables", "ipvs", "ingress", "ingress-ipvs"])
+@pytest.mark.parametrize(
+    "variant", ["base", "iptables", "ipvs", "nftables", "ingress", "ingress-ipvs", "ingress-nftables"]
+)
 def test_the_configmap_loads_with_kproxys_config_loader(variant: str, tmp_path: Path) -> None:
     objects = _render(DAEMONSET if variant == "base" else OVERLAYS[variant])
     conf = tmp_path / "config.conf"
@@ -357,7 +370,7 @@ def test_the_configmap_loads_with_kproxys_config_loader(variant: str, tmp_path: 
     loaded = load_run_config({"config": str(conf), "hostname-override": "node-1"})
     cfg = loaded.config
     assert loaded.unknown == () and loaded.ignored == ()
-    assert cfg.proxy.mode == ("ipvs" if variant.endswith("ipvs") else "iptables")
+    assert cfg.proxy.mode == _mode_of(variant)
     assert cfg.proxy.node_name == "node-1"
     assert cfg.proxy.cluster_cidrs == ("10.244.0.0/16",)
     assert cfg.healthz_bind_address == f"0.0.0.0:{HEALTHZ_PORT}"
@@ -374,7 +387,30 @@ def test_the_ipvs_overlays_may_load_ip_vs(variant: str) -> None:
     assert any(v.get("hostPath", {}).get("path") == "/lib/modules" for v in volumes)
 
 
-@pytest.mark.parametrize("variant", ["base", "iptables", "ipvs", "ingress-ipvs"])
+@pytest.mark.parametrize("variant", ["nftables", "ingress-nftables"])
+def test_the_nftables_overlays_configure_kube_proxys_nftables_section(variant: str, tmp_path: Path) -> None:
+    """`mode: nftables` with kube-proxy's `nftables` fields, read from there (not from the
+    `iptables` section, which this mode does not read), and the container that `nft -f -` needs:
+    NET_ADMIN and no extra capability (the nftables package is checked with the Dockerfile)."""
+    objects = _render(OVERLAYS[variant])
+    doc = yaml.safe_load(_config_text(objects))
+    assert set(doc["nftables"]) == {"masqueradeAll", "masqueradeBit", "syncPeriod", "minSyncPeriod"}
+    assert "iptables" not in doc and "ipvs" not in doc
+    # The periods this mode runs with are the section's: change one and see it.
+    assert doc["nftables"]["syncPeriod"] == "30s"
+    conf = tmp_path / "config.conf"
+    conf.write_text(_config_text(objects).replace("syncPeriod: 30s", "syncPeriod: 17s"))
+    cfg = load_run_config({"config": str(conf), "hostname-override": "node-1"}).config
+    assert cfg.proxy.mode == "nftables"
+    assert cfg.proxy.sync_period == 17.0
+    assert cfg.proxy.masquerade_bit == doc["nftables"]["masqueradeBit"]
+    assert cfg.proxy.masquerade_all is doc["nftables"]["masqueradeAll"]
+    sc = _container(objects, "DaemonSet", "kproxy")["securityContext"]
+    assert set(sc["capabilities"]["add"]) == {"NET_ADMIN", "NET_RAW"}
+    assert sc["privileged"] is True  # conntrack sysctls, as the base
+
+
+@pytest.mark.parametrize("variant", ["base", "iptables", "ipvs", "ingress-ipvs", "nftables", "ingress-nftables"])
 def test_kproxy_run_accepts_the_daemonsets_exact_command_line(variant: str, tmp_path: Path) -> None:
     objects = _render(DAEMONSET if variant == "base" else OVERLAYS[variant])
     container = _container(objects, "DaemonSet", "kproxy")
@@ -392,7 +428,7 @@ def test_kproxy_run_accepts_the_daemonsets_exact_command_line(variant: str, tmp_
     assert res.exit_code == 0, res.output
     effective = yaml.safe_load(out.read_text())
     assert effective["hostnameOverride"] == "node-1"
-    assert effective["mode"] == ("ipvs" if variant.endswith("ipvs") else "iptables")
+    assert effective["mode"] == _mode_of(variant)
 
 
 def test_the_ingress_commands_parse_with_kproxys_own_options() -> None:
@@ -508,13 +544,14 @@ def _packages(stage: str) -> set[str]:
 
 
 def _binaries_run_by_backends() -> set[str]:
-    """Every program kproxy/backends starts: literal argv[0]s, and the iptables names built by
-    `_binary` (both families, both backends, plain/save/restore)."""
+    """Every program kproxy/backends starts: literal argv[0]s, the iptables names built by
+    `_binary` (both families, both backends, plain/save/restore), and `Nft`'s binary."""
     found = set()
     for path in (ROOT / "kproxy" / "backends").glob("*.py"):
         src = path.read_text()
         found |= set(re.findall(r'(?:argv\s*=\s*|_run\(|subprocess\.(?:run|Popen)\()\[\s*"([\w.-]+)"', src))
     found |= {_binary(f, v, t) for f in IPFamily for v in ("nft", "legacy") for t in ("", "save", "restore")}
+    found.add(Nft().binary)  # argv[0] is an attribute there: `nft -f -` (the nftables mode)
     return found
 
 
@@ -578,7 +615,7 @@ def test_every_binary_kproxy_runs_is_installed_by_the_dockerfile() -> None:
     assert {"build", "kproxy", "ingress"} <= set(stages)
     assert stages["ingress"][0] == "kproxy"
     binaries = _binaries_run_by_backends()
-    assert {"ipset", "conntrack", "modprobe", "iptables-nft-restore", "ip6tables-legacy-save"} <= binaries
+    assert {"ipset", "conntrack", "modprobe", "nft", "iptables-nft-restore", "ip6tables-legacy-save"} <= binaries
     nginx_default = ingress_controller_cmd.params[[p.name for p in ingress_controller_cmd.params].index("nginx_binary")]
     assert nginx_default.default == "/usr/sbin/nginx"
     checks = [(b, "kproxy") for b in sorted(binaries)] + [("nginx", "ingress")]
@@ -634,7 +671,9 @@ def test_the_lab_skips_kube_proxy_and_deploys_from_daemonset() -> None:
     applied = re.findall(r'kubectl apply -k "\$\{repo\}/([^"]+)"', deploy)
     assert applied == ["daemonset/overlays/${overlay}"]
     overlays = re.findall(r"^\s+(\w+)\) overlay=([\w-]+) ;;$", deploy, re.M)
-    assert dict(overlays) == {"iptables": "ingress", "ipvs": "ingress-ipvs"}
+    assert dict(overlays) == {"iptables": "ingress", "ipvs": "ingress-ipvs", "nftables": "ingress-nftables"}
+    modes = re.search(r"%w\[([\w ]+)\]\.include\?\(MODE\)", vagrantfile)
+    assert modes is not None and set(modes.group(1).split()) == set(dict(overlays)), "KPROXY_MODE's values"
     assert all((OVERLAYS[o] / "kustomization.yaml").exists() for _, o in overlays)
     assert 'ENV.fetch("KPROXY_MODE", "iptables")' in vagrantfile
     assert "node-role.kubernetes.io/edge=" in deploy
