@@ -23,9 +23,7 @@ NODEPORTS = 2000
 
 def service_obj(i: int) -> dict[str, Any]:
     ip = f"172.30.{i // 250}.{i % 250 + 1}"
-    return service(
-        name=f"svc{i}", cluster_ip=ip, type="NodePort", node_port=30000 + i if i < NODEPORTS else None
-    )
+    return service(name=f"svc{i}", cluster_ip=ip, type="NodePort", node_port=30000 + i if i < NODEPORTS else None)
 
 
 def endpoint_ip(i: int, j: int, per_service: int) -> str:

@@ -51,6 +51,6 @@ MODES: dict[str, ModeSpec] = {
     for m in (
         ModeSpec("iptables", ("legacy", "nft"), iptables_floor),
         ModeSpec("nftables", ("",), nft_floor),
-        ModeSpec("ipvs", ("legacy",), iptables_floor),
+        ModeSpec("ipvs", ("",), iptables_floor),
     )
 }

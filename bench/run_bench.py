@@ -153,6 +153,7 @@ def measure(
             run_steps(daemon, api, ns, spec, backend, services, per_service, changes, budget, out)
         except OverBudget:
             out["status"] = "over budget"
+            summarize(out)
         except DaemonDied as e:
             out["status"] = "failed"
             out["error"] = str(e)
@@ -196,10 +197,7 @@ def run_steps(
         samples.append(_sample(done, t0))
         if budget.left() <= 0:
             raise OverBudget
-    lat = sorted(s["latency_s"] for s in samples)
-    out["change_p50_s"] = _quantile(lat, 0.5)
-    out["change_p99_s"] = _quantile(lat, 0.99)
-    out["change_apply_p50_s"] = statistics.median(s["apply_ms"] for s in samples) / 1000 if samples else None
+    summarize(out)
 
     extra = services  # a new Service and its slice, then gone again
     t0 = time.time()
@@ -215,6 +213,15 @@ def run_steps(
         api.delete("services", f"svc{extra}", "ns1")
     out["delete_service"] = _sample(daemon.wait(is_sync(services=services, endpoints=endpoints), budget), t0)
     out["verified_in_kernel"] = verify(ns, spec, backend, last_ip, extra, budget)
+
+
+def summarize(out: dict[str, Any]) -> None:
+    """p50 and p99 of the changes so far (also of a run stopped over budget part-way)."""
+    samples = out.get("changes") or []
+    lat = sorted(s["latency_s"] for s in samples)
+    out["change_p50_s"] = _quantile(lat, 0.5)
+    out["change_p99_s"] = _quantile(lat, 0.99)
+    out["change_apply_p50_s"] = statistics.median(s["apply_ms"] for s in samples) / 1000 if samples else None
 
 
 def _sample(event: dict[str, Any], t0: float) -> dict[str, Any]:

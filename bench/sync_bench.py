@@ -46,7 +46,7 @@ def unavailable(done: Timed) -> str | None:
     if done.returncode == 2 and any("modes only" in line or "not available" in line for line in err):
         return "not built"
     if done.returncode == 1 and any("not available" in line for line in err):
-        return "not available: " + next(line for line in err if "not available" in line).removeprefix("kproxy: ")
+        return "not available on this kernel"
     return None
 
 
@@ -114,7 +114,9 @@ def change_floor(backend: str, state: Path, ns: str, budget: Budget) -> dict[str
     walls = []
     for _ in range(CHANGE_REPEATS):
         for direction in ("forward", "back"):
-            done = timed(in_netns(ns, [f"iptables-{backend}-restore", "--noflush"]), budget.left(), stdin=texts[direction])
+            done = timed(
+                in_netns(ns, [f"iptables-{backend}-restore", "--noflush"]), budget.left(), stdin=texts[direction]
+            )
             if done.returncode != 0:
                 return failed(done)
             walls.append(done.wall_s)
@@ -141,6 +143,9 @@ def measure(spec: ModeSpec, backend: str, states: dict[str, Path], budget: Budge
     for fmt, path in states.items():
         out[fmt] = sync_process(spec, backend, path, budget, f"{tag}{fmt[0]}")
         if out[fmt]["status"] != "ok":
+            # What could not run stands for the steps after it (over budget, not built).
+            for rest in [*states, "floor"]:
+                out.setdefault(rest, {"status": out[fmt]["status"]})
             return out
     out["floor"] = floor(spec, backend, states["json"], budget, tag, changes=spec.name == "iptables")
     return out
