@@ -89,8 +89,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         stopped[name] = {"status": "skipped", "why": f"not run: over budget at {n:,}"}
             for line in report.size_table(size, args.budget).splitlines():
                 say(line)
-        results["total_s"] = time.perf_counter() - started
-    results["targets"] = report.targets(results)
+            results["total_s"] = time.perf_counter() - started
+            results["targets"] = report.targets(results)
+            if args.out:
+                # After every size, so that a run stopped later keeps what it measured.
+                write(results, args.out)
     return results
 
 
@@ -152,9 +155,7 @@ def main() -> None:
     remove_leftovers()
     results = run(args)
     say(report.targets_table(results["targets"]))
-    if args.out:
-        write(results, args.out)
-    else:
+    if not args.out:
         say(json.dumps(results, indent=1)[:4000])
     say(f"process benchmark took {results['total_s']:.0f} s")
 
