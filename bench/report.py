@@ -40,6 +40,10 @@ def status_text(step: Result | None, budget_s: float) -> str | None:
         return f"over budget ({secs(budget_s)})"
     if status == "skipped":
         return str(step.get("why", "skipped"))
+    if status == "failed" and step.get("stderr"):
+        # The kproxy line that says why (e.g. its own restore timeout), not the whole stderr.
+        first = str(step["stderr"]).strip().splitlines()[0].removeprefix("kproxy: ")
+        return f"failed: {first}"
     return str(status)
 
 
@@ -231,7 +235,7 @@ def markdown(results: Result, svg_name: str) -> str:
         f"Measured {results['measured']} on {results['machine']} ({results['cpus']} cores), Python "
         f"{results['python']}, kernel {results['kernel']}; time budget {secs(results['budget_s'])} per "
         f"run; {results['changes']} endpoint changes per run; the whole benchmark took "
-        f"{secs(results['total_s'])}.\n",
+        f"{secs(results['total_s'])}." + (f" {results['note']}" if results.get("note") else "") + "\n",
         f"![kproxy sync and kproxy run as processes, log scale]({svg_name})\n",
     ]
     for size in results["sizes"]:
