@@ -7,6 +7,8 @@ the drift syncs are checked for what they must do (an idle sync writes nothing, 
 is repaired), since a figure for a sync that did the wrong thing would mean nothing.
 
     python bench/iptables_bench.py --services 1000 10000 --out docs/benchmarks.md
+
+`make bench` runs it after `bench/process_bench.py` (kproxy sync and kproxy run as processes).
 """
 
 from __future__ import annotations
@@ -250,8 +252,10 @@ def main() -> None:
     text = table(results)
     if args.out:
         # The raw figures and a plot beside the Markdown page.
-        args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
         from plot import svg
+        from report import put_json
+
+        put_json(args.out.with_suffix(".json"), "iptables", results)  # beside the other benchmarks' keys
 
         args.out.with_suffix(".svg").write_text(svg(results))
         doc = args.out.read_text() if args.out.exists() else ""

@@ -1,6 +1,7 @@
-"""Draw the benchmark results as an SVG bar chart (log scale), with no plotting dependency.
+"""Draw the benchmark results as SVG bar charts (log scale), with no plotting dependency.
 
-python bench/plot.py docs/benchmarks.json docs/benchmarks.svg
+python bench/plot.py docs/benchmarks.json docs/benchmarks.svg           # in-process
+python bench/plot.py docs/benchmarks.json docs/benchmarks-process.svg   # kproxy sync / run
 """
 
 from __future__ import annotations
@@ -68,9 +69,99 @@ def svg(results: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+# The process benchmark (bench/process_bench.py): per size and mode/backend, seconds.
+PROCESS_SERIES = (
+    ("sync.yaml.wall_s", "kproxy sync, YAML (whole process)", "#4c72b0"),
+    ("sync.json.wall_s", "kproxy sync, JSON (whole process)", "#64b5cd"),
+    ("sync.yaml.apply_s", "its apply", "#c44e52"),
+    ("sync.floor.apply_s", "kernel floor (bare restore)", "#8c8c8c"),
+    ("run.to_first_sync_s", "kproxy run: start to first sync", "#55a868"),
+    ("run.change_p50_s", "one endpoint change, p50", "#8172b2"),
+    ("run.change_p99_s", "one endpoint change, p99", "#da8bc3"),
+    ("sync.floor.change.apply_s", "kernel floor of one change", "#ccb974"),
+)
+
+
+def _lookup(column: dict, path: str) -> float | str | None:
+    """The figure at `path`, or the status of the step that did not run, or None."""
+    node: object = column
+    for part in path.split("."):
+        if not isinstance(node, dict):
+            return None
+        if node.get("status", "ok") != "ok":
+            return str(node["status"])
+        node = node.get(part)
+    return node if isinstance(node, (int, float)) else None
+
+
+def process_svg(results: dict) -> str:
+    groups = []
+    for size in results["sizes"]:
+        for name, column in size["columns"].items():
+            if column.get("status", "ok") != "ok":
+                continue  # not built, not available: nothing to draw
+            label = f"{size['services']:,} × {size['per_service']}, {name}"
+            groups.append((label, {key: _lookup(column, key) for key, _, _ in PROCESS_SERIES}))
+    return bars("kproxy sync and kproxy run as processes: seconds (log scale)", groups, PROCESS_SERIES)
+
+
+def bars(title: str, groups: list[tuple[str, dict]], series: tuple[tuple[str, str, str], ...]) -> str:
+    """Horizontal bars per group and series on a log axis; a string value (a step over budget)
+    is written where its bar would be."""
+    bar, gap, left, top, width = 14, 18, 230, 40, 520
+    legend_rows = -(-len(series) // 3)
+    height = top + max(len(groups), 1) * (len(series) * bar + gap) + 44 + 16 * legend_rows
+    axis = height - 16 * legend_rows - 28
+
+    def x(seconds: float) -> float:
+        s = min(max(seconds, LO), HI)
+        return left + width * (math.log10(s) - math.log10(LO)) / (math.log10(HI) - math.log10(LO))
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 160}" height="{height}" '
+        'font-family="sans-serif" font-size="11">',
+        f'<text x="8" y="20" font-size="13">{title}</text>',
+    ]
+    for tick in (1e-3, 1e-2, 1e-1, 1, 10, 100):
+        tx = x(tick)
+        label = f"{tick * 1000:g} ms" if tick < 1 else f"{tick:g} s"
+        out.append(f'<line x1="{tx:.1f}" y1="{top - 5}" x2="{tx:.1f}" y2="{axis - 14}" stroke="#ddd"/>')
+        out.append(f'<text x="{tx:.1f}" y="{axis}" text-anchor="middle">{label}</text>')
+    y = top
+    for label, values in groups:
+        out.append(f'<text x="8" y="{y + bar * 2}">{label}</text>')
+        for key, _, colour in series:
+            value = values.get(key)
+            if isinstance(value, (int, float)):
+                out.append(
+                    f'<rect x="{left}" y="{y}" width="{x(value) - left:.1f}" height="{bar - 2}" fill="{colour}"/>'
+                )
+                text = f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+                out.append(f'<text x="{x(value) + 4:.1f}" y="{y + bar - 4}">{text}</text>')
+            elif isinstance(value, str):
+                out.append(f'<rect x="{left}" y="{y}" width="4" height="{bar - 2}" fill="{colour}"/>')
+                out.append(f'<text x="{left + 8}" y="{y + bar - 4}" fill="#555">{value}</text>')
+            y += bar
+        y += gap
+    for i, (_, label, colour) in enumerate(series):
+        if i % 3 == 0:
+            lx, ly = left, axis + 14 + 16 * (i // 3)
+        out.append(f'<rect x="{lx}" y="{ly}" width="10" height="10" fill="{colour}"/>')
+        out.append(f'<text x="{lx + 14}" y="{ly + 9}">{label}</text>')
+        lx += 14 + 6 * len(label) + 16
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
-    results = json.loads(Path(sys.argv[1]).read_text())
-    Path(sys.argv[2]).write_text(svg(results))
+    data = json.loads(Path(sys.argv[1]).read_text())
+    target = Path(sys.argv[2])
+    if isinstance(data, list):  # the file before it held more than the in-process benchmark
+        data = {"iptables": data}
+    if target.stem.endswith("-process"):
+        target.write_text(process_svg(data["process"]))
+    else:
+        target.write_text(svg(data["iptables"]))
 
 
 if __name__ == "__main__":

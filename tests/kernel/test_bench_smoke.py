@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,3 +28,54 @@ def test_the_benchmark_runs_at_100_services_on_both_backends(tmp_path: Path) -> 
     rows = [line for line in out.read_text().splitlines() if line.startswith("| 100 × 10 |")]
     assert [row.split("|")[2].strip() for row in rows] == ["legacy", "nft"]
     assert (tmp_path / "benchmarks.json").exists() and (tmp_path / "benchmarks.svg").exists()
+
+
+PROCESS_BENCH = BENCH.with_name("process_bench.py")
+
+
+def test_the_process_benchmark_runs_kproxy_sync_and_run_at_100_services(tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\n<!-- bench:process -->\n<!-- bench:process -->\n\n## Kept\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(PROCESS_BENCH),
+            "--sizes",
+            "100x10",
+            "--changes",
+            "5",
+            "--budget",
+            "120",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "benchmarks.json").read_text())["process"]
+    (size,) = results["sizes"]
+    assert (size["services"], size["per_service"]) == (100, 10)
+    for name in ("iptables / legacy", "iptables / nft"):
+        column = size["columns"][name]
+        for step in ("yaml", "json", "floor"):
+            assert column["sync"][step]["status"] == "ok", (name, step, column["sync"][step])
+        assert column["sync"]["floor"]["change"]["status"] == "ok"
+        assert all(column["sync"][f][k] > 0 for f in ("yaml", "json") for k in ("wall_s", "apply_s", "peak_rss_mib"))
+        run = column["run"]
+        assert run["status"] == "ok", run
+        assert len(run["changes"]) == 5 and run["verified_in_kernel"] is True
+        assert run["to_first_sync_s"] > 0 and run["peak_rss_mib"] > 0
+        assert run["add_service"]["latency_s"] > 0 and run["delete_service"]["latency_s"] > 0
+    # Modes that cannot run here are recorded as such, not dropped.
+    assert {c.get("status", "ok") for c in size["columns"].values()} <= {
+        "ok",
+        "not built",
+        "not available on this kernel",
+    }
+    doc = out.read_text()
+    assert doc.endswith("## Kept\n") and doc.count("<!-- bench:process -->") == 2
+    assert "| `kproxy sync`, YAML file: whole process |" in doc and "number to reach" in doc
+    assert (tmp_path / "benchmarks-process.svg").read_text().startswith("<svg")
