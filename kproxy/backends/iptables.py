@@ -40,6 +40,14 @@ def _run(argv: list[str], stdin: str | None = None, timeout: float = 120) -> sub
         raise BackendError(f"{argv[0]} did not finish in {timeout}s", argv=tuple(argv)) from e
 
 
+def restore_timeout(text: str) -> float:
+    """How long one transaction may take before it counts as hung: 2 minutes, plus 1 s per 1,000
+    lines. iptables-nft needs minutes for a first sync of 10,000 Services (462,000 lines); a
+    fixed bound killed that sync every time, and every retry with it (the kernel keeps the old
+    rules when a restore is killed, so waiting longer loses nothing)."""
+    return 120.0 + text.count("\n") / 1000
+
+
 def _binary(family: IPFamily, variant: str, tool: str) -> str:
     base = "iptables" if family is IPFamily.V4 else "ip6tables"
     suffix = f"-{tool}" if tool else ""
@@ -137,7 +145,7 @@ class Iptables:
         if not text:
             return
         argv = self.restore_cmd
-        res = _run(argv, stdin=text)
+        res = _run(argv, stdin=text, timeout=restore_timeout(text))
         if res.returncode != 0:
             raise BackendError(
                 "iptables-restore refused the transaction; the previous rules stay in place",

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
+from kproxy.backends import iptables as iptables_backend
 from kproxy.backends.iptables import failing_context
 from kproxy.config import ProxyConfig
 from kproxy.model import IPFamily
@@ -173,3 +177,19 @@ def test_the_local_detector_is_data_rendered_by_the_mode() -> None:
     assert ipt.local_match(LocalDetector(DETECT_BRIDGE, "cbr0"), negate=True) == "! -i cbr0"
     assert ipt.local_match(LocalDetector(DETECT_PREFIX, "veth")) == "-i veth+"
     assert not any(callable(getattr(LocalDetector, n, None)) for n in ("if_local", "if_not_local"))
+
+
+def test_a_large_first_sync_is_not_killed_as_hung(monkeypatch: pytest.MonkeyPatch) -> None:
+    # iptables-nft took minutes for 10,000 Services; a fixed two-minute bound killed every try.
+    given: list[float] = []
+
+    def run(argv: list[str], stdin: str | None = None, timeout: float = 0) -> subprocess.CompletedProcess[str]:
+        given.append(timeout)
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(iptables_backend, "_run", run)
+    backend = iptables_backend.Iptables(IPFamily.V4, "nft")
+    backend.restore("*nat\nCOMMIT\n")
+    backend.restore("-A KPROXY-SEP-X -j DNAT\n" * 462_000)
+    assert given[0] < 121  # a small transaction that takes two minutes is hung
+    assert given[1] >= 500  # 462,000 lines get the minutes they need on iptables-nft
