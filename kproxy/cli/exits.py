@@ -1,6 +1,6 @@
 """The exit statuses of every kproxy command (the contract in docs/architecture.md): 2 for input
 that is unusable as a whole, 1 when the kernel (or nginx) refused. Its own module so that command
-groups in other modules share it without importing `kproxy.cli.main`, which imports them."""
+groups in other modules share it without importing `kproxy.cli.main`, which loads them when named."""
 
 from __future__ import annotations
 

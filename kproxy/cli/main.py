@@ -7,6 +7,7 @@ unless --strict.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,7 +25,25 @@ from kproxy.model import ClusterState, IPFamily
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-@click.group()
+class _Commands(click.Group):
+    """The command groups that live in their own modules are imported when named, not at start:
+    `kproxy sync` should not pay for the ingress controller's and the daemon's imports."""
+
+    LAZY = {"run": "kproxy.cli.run:run", "lab": "kproxy.cli.lab:lab", "ingress": "kproxy.cli.ingress:ingress"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        where = self.LAZY.get(cmd_name)
+        if where is None:
+            return super().get_command(ctx, cmd_name)
+        module, _, attribute = where.partition(":")
+        command: click.Command = getattr(importlib.import_module(module), attribute)
+        return command
+
+
+@click.group(cls=_Commands)
 @click.version_option(__version__, prog_name="kproxy")
 def main() -> None:
     """kproxy: a Kubernetes service proxy with an nginx ingress module."""
@@ -217,15 +236,6 @@ def cleanup(mode: str, upstream: bool) -> None:
         if mode in (info.name, "all") and (summary := info.load().cleanup(upstream)):
             click.echo(summary)
 
-
-# Command groups living in their own modules.
-from kproxy.cli.ingress import ingress  # noqa: E402
-from kproxy.cli.lab import lab  # noqa: E402
-from kproxy.cli.run import run  # noqa: E402
-
-main.add_command(run)
-main.add_command(lab)
-main.add_command(ingress)
 
 if __name__ == "__main__":
     main()
