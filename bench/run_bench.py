@@ -15,7 +15,7 @@ fake API server to the ``sync_complete`` line of the sync that wrote it (p50 and
 daemon's own render and apply of those syncs); then one Service (and its slice) added and
 deleted the same way; peak RSS from /proc/PID/status VmHWM just before SIGTERM.
 
-The daemon runs with ``--iptables-min-sync-period=0s`` so that the rate limiter (1 s by
+The daemon runs with ``--min-sync-period=0s`` (the running mode's) so that the rate limiter (1 s by
 default) does not hold back a change that arrives just after the previous sync: the latency
 measured is the daemon's, for isolated changes. Everything (lab, API server, daemon) is torn
 down on the way out, also on Ctrl-C.
@@ -143,7 +143,7 @@ def measure(
             f"--kubeconfig={kubeconfig}",
             f"--hostname-override={NODE}",
             "--cluster-cidr=10.0.0.0/8",
-            "--iptables-min-sync-period=0s",
+            "--min-sync-period=0s",  # whichever mode runs
         ]
         with log.open("wb") as f:
             started = time.time()
