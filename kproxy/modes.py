@@ -109,6 +109,8 @@ class ModeInfo:
     # that does not (nftables) checks its own objects for drift, and on taking a node over has the
     # iptables chains another mode left removed.
     iptables: bool = True
+    # Fields another mode reads too but this one does not (named in its warning when set).
+    ignores: tuple[str, ...] = ()
 
     def load(self) -> DataPlaneMode:
         return _load(self.implementation)
@@ -138,6 +140,8 @@ MODES: dict[str, ModeInfo] = {
             periodic_full=False,
             implementation="kproxy.proxier.nftables.mode:MODE",
             iptables=False,
+            # Its own section's masquerade fields instead (the flags still win); no localhost NodePorts.
+            ignores=("iptables.masqueradeBit", "iptables.masqueradeAll", "iptables.localhostNodePorts"),
         ),
     )
 }

@@ -104,12 +104,12 @@ def load_run_config(flags: Mapping[str, Any], *, hostname: str | None = None) ->
 
 
 def _other_mode_fields(mode: str, values: Mapping[str, Any], origin: Mapping[str, str]) -> list[str]:
-    read = set(_sync_period_fields(mode, origin))
+    read = set(_sync_period_fields(mode, origin)) | set(_masquerade_fields(mode, origin))
+    candidates = [p for other, paths in MODE_FIELDS.items() if other != mode for p in paths]
+    candidates += [p for p in registry.MODES[mode].ignores if p not in candidates]
     return [
         f"{origin[path]}={_show(values[path], FIELDS[path].kind)}"
-        for other, paths in MODE_FIELDS.items()
-        if other != mode
-        for path in paths
+        for path in candidates
         if path not in read and _differs(FIELDS[path], values[path])
     ]
 

@@ -512,3 +512,21 @@ def test_every_kube_proxy_flag_parses() -> None:
     # Every flag parsed; the run then stops at the missing --config file, naming it.
     assert result.exit_code == 2
     assert "--config /nonexistent" in result.output
+
+
+def test_iptables_settings_the_nftables_mode_does_not_read_are_reported_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: nftables\n"
+        "iptables: {masqueradeAll: true, localhostNodePorts: false}\nnftables: {masqueradeBit: 13}\n"
+    )
+    loaded = load({"config": str(path)})
+    where = f" (in {path})"
+    assert sorted(loaded.ignored) == [
+        f"iptables.localhostNodePorts{where}=False",
+        f"iptables.masqueradeAll{where}=True",
+    ]
+    assert loaded.config.proxy.masquerade_bit == 13
+    flagged = load({"config": str(path), "masquerade-all": True})  # the flag wins, as upstream's
+    assert flagged.ignored == (f"iptables.localhostNodePorts{where}=False",)
+    assert flagged.config.proxy.masquerade_all is True
