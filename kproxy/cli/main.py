@@ -224,7 +224,11 @@ def trace(src: str, dst: str, iface: str, **kw: Any) -> None:
 
 @main.command()
 @click.option("--mode", type=click.Choice(registry.KNOWN + ("all",)), default="all", show_default=True)
-@click.option("--upstream", is_flag=True, help="Also remove kube-proxy's leftovers (KUBE- chains).")
+@click.option(
+    "--upstream",
+    is_flag=True,
+    help="Also remove kube-proxy's leftovers: its KUBE- chains, and with the nftables mode its kube-proxy tables.",
+)
 @exits
 def cleanup(mode: str, upstream: bool) -> None:
     """Remove everything kproxy created in this network namespace, and nothing else."""
