@@ -106,3 +106,13 @@ def needs_route_localnet(ctx: NodeContext) -> bool:
     if ctx.family is not IPFamily.V4 or not ctx.localhost_nodeports:
         return False
     return ctx.nodeport_ips is None or any(ip.startswith("127.") for ip in ctx.nodeport_ips)
+
+
+def family_inputs(
+    proxy: ProxyConfig, bind_address: str, state: ClusterState, family: IPFamily, host: Iterable[str]
+) -> tuple[FamilyView, NodeContext]:
+    """What one family's proxier syncs from, in every mode: its view of the state, and the node
+    as this family sees it (`host`: the addresses of this namespace the mode counts as the node's)."""
+    node = state.nodes.get(proxy.node_name)
+    ctx = with_primary_ip(node_context(proxy, family, node, host), bind_address)
+    return family_view(state, family), ctx

@@ -49,15 +49,13 @@ class IptablesMode:
         from kproxy.families import kernel_families
         from kproxy.proxier.iptables.proxier import IptablesProxier
         from kproxy.proxier.loop import sync_once
-        from kproxy.view import family_view, node_context, with_primary_ip
+        from kproxy.view import family_inputs
 
-        node = state.nodes.get(cfg.proxy.node_name)
         variant = node_variant(cfg, dry_run)
         jobs = {
             family: (
                 IptablesProxier(Iptables(family, variant)),
-                family_view(state, family),
-                with_primary_ip(node_context(cfg.proxy, family, node, local_addresses(family)), cfg.bind_address),
+                *family_inputs(cfg.proxy, cfg.bind_address, state, family, local_addresses(family)),
             )
             for family in kernel_families()
         }
@@ -77,11 +75,9 @@ class IptablesMode:
     ) -> list[str]:
         from kproxy.proxier.iptables import render as ipt
         from kproxy.proxier.iptables.trace import Tracer
-        from kproxy.view import family_view, node_context, with_primary_ip
+        from kproxy.view import family_inputs
 
-        node = state.nodes.get(cfg.proxy.node_name)
-        ctx = with_primary_ip(node_context(cfg.proxy, family, node, host), cfg.bind_address)
-        view = family_view(state, family)
+        view, ctx = family_inputs(cfg.proxy, cfg.bind_address, state, family, host)
         ruleset = ipt.render(view.ports, view.endpoints, ctx)
         return Tracer(ruleset, ctx.local_ips).trace(*packet).explain()
 

@@ -50,7 +50,7 @@ def sync_ipvs(cfg: RunConfig, state: ClusterState, *, dry_run: bool) -> str:
     from kproxy.families import kernel_families
     from kproxy.proxier.iptables.mode import family_name, node_variant
     from kproxy.proxier.loop import sync_once
-    from kproxy.view import family_view, node_context, with_primary_ip
+    from kproxy.view import family_inputs
 
     node = state.nodes.get(cfg.proxy.node_name)
     variant = node_variant(cfg, dry_run)
@@ -67,8 +67,7 @@ def sync_ipvs(cfg: RunConfig, state: ClusterState, *, dry_run: bool) -> str:
                 host = node_ips + (("127.0.0.1",) if family is IPFamily.V4 else ("::1",))
                 notes[family] = f" (NodePorts on the Node object's addresses: this host is not {cfg.proxy.node_name})"
             # The context leaves out the dummy device's addresses, as the proxier's own does.
-            ctx = with_primary_ip(node_context(cfg.proxy, family, node, host), cfg.bind_address)
-            jobs[family] = (proxier, family_view(state, family), ctx)
+            jobs[family] = (proxier, *family_inputs(cfg.proxy, cfg.bind_address, state, family, host))
 
         def header(family: IPFamily) -> str:
             what = "IPVS table in ipvsadm -Ln form, then addresses, ipsets and iptables rules"
@@ -96,17 +95,13 @@ def trace_ipvs(
 ) -> list[str]:
     from kproxy.backends.dummy import DummyDevice
     from kproxy.proxier.ipvs.trace import IpvsTracer
-    from kproxy.view import family_view, node_context, with_primary_ip
+    from kproxy.view import family_inputs
 
-    node = state.nodes.get(cfg.proxy.node_name)
     try:
         bound = DummyDevice(names.IPVS_DEVICE).addresses(family)
     except BackendError:
         bound = set()
-    ctx = with_primary_ip(
-        node_context(cfg.proxy, family, node, tuple(a for a in host if a not in bound)), cfg.bind_address
-    )
-    view = family_view(state, family)
+    view, ctx = family_inputs(cfg.proxy, cfg.bind_address, state, family, tuple(a for a in host if a not in bound))
     desired = pv.render(view.ports, view.endpoints, ctx, cfg.ipvs)
     return IpvsTracer(desired, ctx.local_ips).trace(*packet).explain()
 

@@ -49,14 +49,12 @@ class NftablesMode:
         from kproxy.families import kernel_families
         from kproxy.proxier.loop import sync_once
         from kproxy.proxier.nftables.proxier import NftablesProxier
-        from kproxy.view import family_view, node_context, with_primary_ip
+        from kproxy.view import family_inputs
 
-        node = state.nodes.get(cfg.proxy.node_name)
         jobs = {
             family: (
                 NftablesProxier(Nft()),
-                family_view(state, family),
-                with_primary_ip(node_context(cfg.proxy, family, node, local_addresses(family)), cfg.bind_address),
+                *family_inputs(cfg.proxy, cfg.bind_address, state, family, local_addresses(family)),
             )
             for family in kernel_families()
         }
@@ -76,11 +74,9 @@ class NftablesMode:
     ) -> list[str]:
         from kproxy.proxier.nftables import render as nft
         from kproxy.proxier.nftables.trace import Tracer
-        from kproxy.view import family_view, node_context, with_primary_ip
+        from kproxy.view import family_inputs
 
-        node = state.nodes.get(cfg.proxy.node_name)
-        ctx = with_primary_ip(node_context(cfg.proxy, family, node, host), cfg.bind_address)
-        view = family_view(state, family)
+        view, ctx = family_inputs(cfg.proxy, cfg.bind_address, state, family, host)
         return Tracer(nft.render(view.ports, view.endpoints, ctx), ctx.local_ips).trace(*packet).explain()
 
     def cleanup(self, upstream: bool) -> str | None:
