@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "changes": args.changes,
         "sizes": [],
     }
+    previous = _previous(args) if args.no_run else []
     # Columns that could not run at one size (over budget, not built, not available) are not run
     # at the larger ones: what stopped them stands in their cells.
     stopped: dict[str, dict[str, Any]] = {}
@@ -72,7 +73,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             states = {fmt: cluster.write_state(tmp / f"svc{n}x{m}.{fmt}", n, m, fmt) for fmt in ("yaml", "json")}
             say(f"== {n:,} Services × {m} endpoints (state files written in {time.perf_counter() - t:.1f} s)")
             size: dict[str, Any] = {"services": n, "per_service": m, "columns": {}}
-            results["sizes"].append(size)
+            results["sizes"] = [s for s in previous if (s["services"], s["per_service"]) != (n, m)]
+            previous = [*results["sizes"], size]
+            results["sizes"] = sorted(previous, key=lambda s: (s["services"], s["per_service"]))
             for mode in args.modes:
                 spec = MODES[mode]
                 for backend in spec.backends:
@@ -117,7 +120,8 @@ def measure_column(
         column["status"] = first
         return column
     if args.no_run:
-        column["run"] = {"status": "skipped", "why": "not run (--no-run)"}
+        kept = _last_run(args, n, m, name)
+        column["run"] = kept or {"status": "skipped", "why": "not run (--no-run)"}
         return column
     if _over_budget(column):
         # The daemon's first sync loads the same text through the same tool: a budget's worth
@@ -128,6 +132,26 @@ def measure_column(
     column["run"] = run_bench.measure(spec, backend, n, m, args.changes, sync_bench.Budget(args.budget), tmp, tag)
     say(f"   {name}: kproxy run {column['run']['status']} ({time.perf_counter() - t:.0f} s)")
     return column
+
+
+def _previous(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The sizes of the last recorded run. A `--no-run` rerun replaces the `kproxy sync` figures of
+    the sizes it measures and keeps everything else, `kproxy run` figures included (the daemon's
+    take far longer to measure)."""
+    path = args.out.with_suffix(".json") if args.out is not None else None
+    if path is None or not path.exists():
+        return []
+    sizes: list[dict[str, Any]] = (json.loads(path.read_text()).get("process") or {}).get("sizes", [])
+    return sizes
+
+
+def _last_run(args: argparse.Namespace, n: int, m: int, name: str) -> dict[str, Any] | None:
+    for size in _previous(args):
+        if (size.get("services"), size.get("per_service")) == (n, m):
+            run = (size.get("columns", {}).get(name) or {}).get("run")
+            if run and run.get("status") == "ok":
+                return dict(run)
+    return None
 
 
 def write(results: dict[str, Any], out: Path) -> None:

@@ -3,7 +3,7 @@
 - `fresh_netns` creates a namespace with only loopback up and deletes it on the way out,
   whatever happened (an exception, Ctrl-C, SIGTERM: `main` turns SIGTERM into KeyboardInterrupt).
 - `timed` runs argv in its own process group and waits for it with `os.wait4`, so the figures are
-  the process's own: wall time from fork to exit, user and system CPU and peak RSS (`ru_maxrss`;
+  the process's own: wall time from spawn to exit, user and system CPU and peak RSS (`ru_maxrss`;
   the children it waited for, such as iptables-restore, are counted in the CPU times and in the
   peak if theirs was higher). Past its budget the whole group is killed and the result says so.
 """
@@ -75,6 +75,14 @@ def remove_leftovers() -> None:
                 subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
+class _Spawned:
+    """What the rest of `timed` needs of a spawned process."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+
 def in_netns(ns: str, argv: Sequence[str]) -> list[str]:
     # `ip netns exec` execs the command in place (no fork), so the pid and rusage are its own.
     return ["ip", "netns", "exec", ns, *argv]
@@ -87,17 +95,22 @@ def timed(
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     in_r, in_w = os.pipe() if stdin is not None else (None, None)
+    devnull = os.open(os.devnull, os.O_RDONLY) if in_r is None else None
+    actions = [
+        (os.POSIX_SPAWN_DUP2, in_r if in_r is not None else devnull, 0),
+        (os.POSIX_SPAWN_DUP2, out_w, 1),
+        (os.POSIX_SPAWN_DUP2, err_w, 2),
+    ]
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        list(argv),
-        stdin=in_r if in_r is not None else subprocess.DEVNULL,
-        stdout=out_w,
-        stderr=err_w,
-        env=dict(env) if env is not None else ENV,
-        start_new_session=True,
-    )
+    # posix_spawn (glibc: clone with CLONE_VM|CLONE_VFORK), not fork: a forked child's peak RSS
+    # starts at this process's RSS (hundreds of MiB once a large cluster was generated here), and
+    # exec keeps that peak, so every child reported the benchmark's own size as its ru_maxrss.
+    pid = os.posix_spawnp(argv[0], list(argv), dict(env) if env is not None else ENV, file_actions=actions, setsid=True)
+    proc = _Spawned(pid)
     os.close(out_w)
     os.close(err_w)
+    if devnull is not None:
+        os.close(devnull)
     chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
 
     def drain(fd: int) -> None:
