@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -75,6 +77,9 @@ def remove_leftovers() -> None:
                 subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
+RUSAGE = Path(__file__).with_name("rusage.py")
+
+
 class _Spawned:
     """What the rest of `timed` needs of a spawned process."""
 
@@ -95,6 +100,9 @@ def timed(
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     in_r, in_w = os.pipe() if stdin is not None else (None, None)
+    report = tempfile.NamedTemporaryFile(prefix="kproxy-bench-rusage-", suffix=".json", delete=False)
+    report.close()
+    argv = [sys.executable, "-S", str(RUSAGE), report.name, *argv]
     devnull = os.open(os.devnull, os.O_RDONLY) if in_r is None else None
     actions = [
         (os.POSIX_SPAWN_DUP2, in_r if in_r is not None else devnull, 0),
@@ -102,9 +110,9 @@ def timed(
         (os.POSIX_SPAWN_DUP2, err_w, 2),
     ]
     started = time.perf_counter()
-    # posix_spawn (glibc: clone with CLONE_VM|CLONE_VFORK), not fork: a forked child's peak RSS
-    # starts at this process's RSS (hundreds of MiB once a large cluster was generated here), and
-    # exec keeps that peak, so every child reported the benchmark's own size as its ru_maxrss.
+    # Through rusage.py, a small fresh process: a child's peak RSS starts at its parent's RSS
+    # (hundreds of MiB once a large cluster was generated here) and exec keeps it, so a command
+    # started from here reported the benchmark's own size as its ru_maxrss.
     pid = os.posix_spawnp(argv[0], list(argv), dict(env) if env is not None else ENV, file_actions=actions, setsid=True)
     proc = _Spawned(pid)
     os.close(out_w)
@@ -149,13 +157,20 @@ def timed(
     for t in threads:
         t.join()
     code, ended, usage = status[0]
+    own = {"wall_s": ended - started, "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "maxrss_mib": 0.0}
+    try:
+        own = json.loads(Path(report.name).read_text())  # the command's own, from rusage.py
+    except (OSError, ValueError):
+        pass  # killed over budget: no report
+    finally:
+        Path(report.name).unlink(missing_ok=True)
     return Timed(
-        argv=list(argv),
+        argv=list(argv[4:]),
         returncode=None if killed else os.waitstatus_to_exitcode(code),
-        wall_s=ended - started,
-        user_s=usage.ru_utime,
-        sys_s=usage.ru_stime,
-        maxrss_mib=usage.ru_maxrss / 1024,
+        wall_s=own["wall_s"],
+        user_s=own["user_s"],
+        sys_s=own["sys_s"],
+        maxrss_mib=own["maxrss_mib"],
         stdout=b"".join(chunks[out_r]).decode(errors="replace"),
         stderr=b"".join(chunks[err_r]).decode(errors="replace"),
     )
