@@ -24,6 +24,10 @@ class IPFamily(enum.IntEnum):
     def host_bits(self) -> int:
         return 32 if self is IPFamily.V4 else 128
 
+    @property
+    def label(self) -> str:
+        return "IPv4" if self is IPFamily.V4 else "IPv6"
+
 
 def family_of(ip: str) -> IPFamily:
     """Family of a canonical IP or CIDR text."""

@@ -46,10 +46,6 @@ def go_time(ts: float | None) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%S") + (f".{frac}" if frac else "") + "Z"
 
 
-def family_name(family: IPFamily) -> str:
-    return "IPv4" if family is IPFamily.V4 else "IPv6"
-
-
 @dataclass(frozen=True, slots=True)
 class Health:
     healthy: bool
@@ -137,7 +133,7 @@ class ProxyHealth:
         body["healthy"] = h.healthy
         if h.status:
             body["status"] = {
-                family_name(f): {"lastUpdated": go_time(last), "healthy": fam_ok}
+                f.label: {"lastUpdated": go_time(last), "healthy": fam_ok}
                 for f, (last, fam_ok) in sorted(h.status.items())
             }
         return Response(code, JSON, json.dumps(body, separators=(",", ":")).encode())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kproxy.model import IPFamily
 from kproxy.view import Repair
 
 
@@ -27,6 +28,21 @@ class SyncResult:
         return {}
 
     def summary(self) -> str:
-        """One line for `kproxy sync`."""
-        name = "IPv4" if self.family == 4 else "IPv6"
-        return f"{name}: {self.services} service ports, {self.endpoints} endpoints"
+        """One line for `kproxy sync`: the counts, what the mode wrote, the timings, its notes."""
+        parts = [
+            f"{IPFamily(self.family).label}: {self.services} service ports, {self.endpoints} endpoints",
+            self.written_summary(),
+            f"render {self.render_seconds * 1000:.1f} ms, apply {self.apply_seconds * 1000:.1f} ms",
+            *self.notes(),
+        ]
+        if self.conntrack_deleted:
+            parts.append(f"{self.conntrack_deleted} stale UDP flows deleted")
+        return "; ".join(p for p in parts if p)
+
+    def written_summary(self) -> str:
+        """What the mode wrote, in its own terms."""
+        return ""
+
+    def notes(self) -> list[str]:
+        """Anything else the mode has to say after the timings."""
+        return []

@@ -17,10 +17,6 @@ if TYPE_CHECKING:
     from kproxy.proxier.iptables.proxier import IptablesProxier
 
 
-def family_name(family: IPFamily) -> str:
-    return "IPv4" if family is IPFamily.V4 else "IPv6"
-
-
 def node_variant(cfg: RunConfig, dry_run: bool) -> str:
     """The iptables backend to write to: the configured one, else the node's. A dry run writes
     nothing, so without rights to read the node's it shows the nft form."""
@@ -61,7 +57,7 @@ class IptablesMode:
         }
 
         def header(family: IPFamily) -> str:
-            return f"# {family_name(family)}: iptables-restore --noflush input ({variant} backend)"
+            return f"# {family.label}: iptables-restore --noflush input ({variant} backend)"
 
         return sync_once(jobs, dry_run=dry_run, header=header, conntrack=Conntrack)
 

@@ -40,15 +40,8 @@ class SyncResult(BaseResult):
         """What this sync wrote, for the daemon's ``sync_complete`` line."""
         return {"written": sum(self.written.values()), "deleted": sum(self.deleted.values())}
 
-    def summary(self) -> str:
-        """One line for `kproxy sync`."""
-        name = "IPv4" if self.family == 4 else "IPv6"
-        return (
-            f"{name}: {self.services} service ports, {self.endpoints} endpoints; "
-            f"wrote {sum(self.written.values())} chains, deleted {sum(self.deleted.values())}; "
-            f"render {self.render_seconds * 1000:.1f} ms, apply {self.apply_seconds * 1000:.1f} ms"
-            + (f"; {self.conntrack_deleted} stale UDP flows deleted" if self.conntrack_deleted else "")
-        )
+    def written_summary(self) -> str:
+        return f"wrote {sum(self.written.values())} chains, deleted {sum(self.deleted.values())}"
 
 
 class IptablesProxier:

@@ -48,7 +48,7 @@ def sync_ipvs(cfg: RunConfig, state: ClusterState, *, dry_run: bool) -> str:
     from kproxy.backends.conntrack import Conntrack
     from kproxy.backends.host import local_addresses
     from kproxy.families import kernel_families
-    from kproxy.proxier.iptables.mode import family_name, node_variant
+    from kproxy.proxier.iptables.mode import node_variant
     from kproxy.proxier.loop import sync_once
     from kproxy.view import family_inputs
 
@@ -71,7 +71,7 @@ def sync_ipvs(cfg: RunConfig, state: ClusterState, *, dry_run: bool) -> str:
 
         def header(family: IPFamily) -> str:
             what = "IPVS table in ipvsadm -Ln form, then addresses, ipsets and iptables rules"
-            return f"# {family_name(family)}: {what}{notes.get(family, '')}"
+            return f"# {family.label}: {what}{notes.get(family, '')}"
 
         return sync_once(jobs, dry_run=dry_run, header=header, conntrack=Conntrack)
     finally:

@@ -76,21 +76,16 @@ class IpvsSyncResult(BaseResult):
             "draining": self.draining,
         }
 
-    def summary(self) -> str:
-        name = "IPv4" if self.family == 4 else "IPv6"
-        text = (
-            f"{name}: {self.services} service ports, {self.endpoints} endpoints; "
+    def written_summary(self) -> str:
+        return (
             f"{self.virtual_servers} virtual servers, {self.real_servers} real servers; "
             f"{len(self.ipvs_ops)} IPVS writes, {self.addresses_added}+/{self.addresses_removed}- addresses, "
             f"{self.ipset_lines} ipset lines, wrote {sum(self.chains_written.values())} chains, "
-            f"deleted {sum(self.chains_deleted.values())}; "
-            f"render {self.render_seconds * 1000:.1f} ms, apply {self.apply_seconds * 1000:.1f} ms"
+            f"deleted {sum(self.chains_deleted.values())}"
         )
-        if self.draining:
-            text += f"; {self.draining} real servers draining"
-        if self.conntrack_deleted:
-            text += f"; {self.conntrack_deleted} stale UDP flows deleted"
-        return text
+
+    def notes(self) -> list[str]:
+        return [f"{self.draining} real servers draining"] if self.draining else []
 
 
 def without_addresses(ctx: NodeContext, bound: set[str]) -> NodeContext:

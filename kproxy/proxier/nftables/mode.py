@@ -19,10 +19,6 @@ if TYPE_CHECKING:
 UPSTREAM_TABLE = "kube-proxy"
 
 
-def _family_name(family: IPFamily) -> str:
-    return "IPv4" if family is IPFamily.V4 else "IPv6"
-
-
 def _delete_tables(tables: tuple[str, ...]) -> list[str]:
     from kproxy.backends.nftables import Nft
 
@@ -60,7 +56,7 @@ class NftablesMode:
         }
 
         def header(family: IPFamily) -> str:
-            return f"# {_family_name(family)}: nft -f - input"
+            return f"# {family.label}: nft -f - input"
 
         return sync_once(jobs, dry_run=dry_run, header=header, conntrack=Conntrack)
 

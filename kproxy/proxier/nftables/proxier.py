@@ -48,14 +48,10 @@ class SyncResult(BaseResult):
             "elements_deleted": self.elements_deleted,
         }
 
-    def summary(self) -> str:
-        name = "IPv4" if self.family == 4 else "IPv6"
+    def written_summary(self) -> str:
         return (
-            f"{name}: {self.services} service ports, {self.endpoints} endpoints; "
             f"{'full' if self.full else 'partial'} nft transaction: wrote {self.chains_written} chains, "
-            f"deleted {self.chains_deleted}, elements +{self.elements_added} -{self.elements_deleted}; "
-            f"render {self.render_seconds * 1000:.1f} ms, apply {self.apply_seconds * 1000:.1f} ms"
-            + (f"; {self.conntrack_deleted} stale UDP flows deleted" if self.conntrack_deleted else "")
+            f"deleted {self.chains_deleted}, elements +{self.elements_added} -{self.elements_deleted}"
         )
 
 
