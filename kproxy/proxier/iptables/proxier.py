@@ -49,11 +49,9 @@ class IptablesProxier:
         self.iptables = iptables
         # What the last transaction wrote, compact (`ipt.compacted`): per-Service chains as stamps.
         self._last: ipt.Ruleset | None = None
-        self._applied: dict[str, dict[str, ipt.Held]] | None = None
 
     def force_full(self) -> None:
         self._last = None
-        self._applied = None
 
     def render(
         self,
@@ -80,7 +78,7 @@ class IptablesProxier:
         """One sync. `changed` (from the change trackers) names the only Service ports whose
         objects changed since the last sync; None means "compare them all". A partial sync reads
         the kernel's listing only with `verify`."""
-        full = full or self._applied is None
+        full = full or self._last is None
         t0 = time.perf_counter()
         saved: SavedState | None = None
         existing: dict[str, set[str]] | None = None
@@ -93,12 +91,12 @@ class IptablesProxier:
                 if not dry_run:
                     raise
                 jumps = {}  # a dry run without rights still shows the full payload
-        applied = None if full else self._applied
+        applied = None if full or self._last is None else self._last.tables
         repairs: tuple[Repair, ...] = ()
         force: set[ServicePortName] = set()
-        if saved is not None and self._applied is not None and self._last is not None:
+        if saved is not None and self._last is not None:
             last_jumps = ((t, b, target) for t, b, _, target, _ in self._last.jumps)
-            rewrite, repairs = ipt.drift(self._applied, saved.chains, saved.rule_counts, last_jumps, saved.jumps)
+            rewrite, repairs = ipt.drift(self._last.tables, saved.chains, saved.rule_counts, last_jumps, saved.jumps)
             if applied is not None:
                 applied = ipt.without(applied, rewrite)
                 # Chains to write again (altered, or gone) are remembered as stamps only: their
@@ -141,6 +139,5 @@ class IptablesProxier:
             self.force_full()
             raise
         self._last = ipt.compacted(desired)
-        self._applied = {t: dict(c) for t, c in self._last.tables.items()}
         result.apply_seconds = time.perf_counter() - t1 + (t_listed - t0)
         return result

@@ -139,13 +139,11 @@ def compacted(rs: Ruleset) -> Ruleset:
     services: dict[ServicePortName, ServiceRules] = {}
     stamps: dict[str, Stamp] = {}
     for name, rules in rs.services.items():
-        if all(isinstance(r, Stamp) for _, r in rules.nat_chains):
-            services[name] = rules
-        else:
+        if not all(isinstance(r, Stamp) for _, r in rules.nat_chains):  # rendered this sync
             rules = replace(rules, nat_chains=tuple((c, stamp(r)) for c, r in rules.nat_chains))
-            services[name] = rules
-        for chain, st in rules.nat_chains:
-            stamps[chain] = st  # type: ignore[assignment]  # stamped just above
+        services[name] = rules
+        for chain, held in rules.nat_chains:
+            stamps[chain] = stamp(held)  # the very object in `services`: stamp() returns a Stamp as is
     tables = {t: {c: stamps.get(c, r) if t == NAT else r for c, r in chains.items()} for t, chains in rs.tables.items()}
     return Ruleset(tables=tables, jumps=rs.jumps, services=services, ctx=rs.ctx, inputs=rs.inputs)
 
