@@ -194,8 +194,11 @@ def test_one_endpoint_change_writes_only_that_services_objects(world: Lab, tmp_p
     )
     script = res.stdout
     assert script and "delete table" not in script, script
-    assert all("ns1/svc1/" in line or "hairpin-ips" in line for line in script.splitlines()), script
-    assert "other" not in script and "service-ips" not in script
+    # A plain Service port is elements of the shared layout only: its endpoint moves in
+    # `backends` under its own key (and its hairpin pair), and nothing else is written.
+    own = f"{CIP} . tcp . 80 . "
+    assert all(own in line or "hairpin-ips" in line for line in script.splitlines()), script
+    assert "chain" not in script and "172.30.0.42" not in script
     assert answered_by(probe_many(world.pod("pod-1b"), CIP, 80, count=N)) == {"pod-1a", "pod-2b"}
 
 

@@ -50,7 +50,9 @@ def test_converges_then_writes_only_the_changed_services_objects(world: World) -
     assert (second["kind"], second["changed"], second["endpoints"]) == ("partial", 1, 3)
     assert answered_by(world) == {"10.0.1.10:80", "10.0.1.11:80"}
     script = world.nft.scripts[-1]
-    assert "delete table" not in script and "ns1/svc1/" in script and "ns1/other/" not in script, script
+    # svc1 went from one endpoint to two: its elements move to the two-endpoint set and chain.
+    assert "delete table" not in script and "172.30.0.41 . tcp . 80" in script and "172.30.0.42" not in script
+    assert "add chain ip kproxy lb-2" in script, script
     # No iptables canary (nor any chain) in a mode that writes no iptables.
     assert world.ipt.transactions == []
 
@@ -61,7 +63,7 @@ def test_converges_then_writes_only_the_changed_services_objects(world: World) -
         ("delete table", "", "table", "table ip kproxy deleted"),
         ("flush table", "", "table", "table ip kproxy flushed"),
         ("flush chain", nn.SERVICES, "chain", f"chain {nn.SERVICES}: 0 rules"),
-        ("flush map", nn.SERVICE_IPS, "map", f"map {nn.SERVICE_IPS}: 0 elements"),
+        ("flush map", nn.BACKENDS, "map", f"map {nn.BACKENDS}: 0 elements"),
     ],
 )
 def test_drift_is_repaired_within_one_sync_period(world: World, change: str, name: str, kind: str, found: str) -> None:

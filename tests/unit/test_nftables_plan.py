@@ -79,6 +79,49 @@ def test_partial_syncs_leave_what_a_full_sync_leaves(affinity: int | None) -> No
     assert sum(1 for s in incremental.scripts if "delete table" in s) == 1, "only the first sync is full"
 
 
+def plain(*svc4_eps: str) -> list[dict[str, Any]]:
+    """svc4, a plain NodePort Service (the shared layout: elements only), beside `cluster`'s."""
+    return [
+        *cluster(["10.0.2.20"]),
+        service("svc4", cluster_ip="172.30.0.44", type="NodePort", node_port=30084),
+        endpoint_slice("svc4", endpoints=[endpoint(ip, "node-2") for ip in svc4_eps]),
+    ]
+
+
+def test_endpoint_counts_coming_and_going_leave_what_a_full_sync_leaves() -> None:
+    fake = FakeNft()
+    proxier = NftablesProxier(fake)
+    for eps in (["10.0.2.40", "10.0.2.41"], ["10.0.2.40", "10.0.2.41", "10.0.2.42"], ["10.0.2.42"], [], ["10.0.2.43"]):
+        view, ctx = view_of(plain(*eps))
+        proxier.sync(view, ctx)
+        fresh = FakeNft()
+        NftablesProxier(fresh).sync(view, ctx)
+        assert state_of(fake) == state_of(fresh)
+        tr = Tracer(fake.table(IPFamily.V4).view(), HOST)
+        want = {f"{ip}:80" for ip in eps}
+        assert tr.trace(OTHER_POD, "172.30.0.44", 80).endpoints == want
+        assert tr.trace("203.0.113.10", "192.168.0.2", 30084).endpoints == want
+    chains, _ = state_of(fake)
+    # Only the counts in use keep a balancing chain: svc1 (2 endpoints), svc2 and svc4 (1).
+    assert sorted(c for c in chains if "lb-" in c) == ["lb-1", "lb-2", "nodeport-lb-1"]
+
+
+def test_a_plain_services_endpoint_change_writes_its_elements_only() -> None:
+    fake = FakeNft()
+    proxier = NftablesProxier(fake)
+    proxier.sync(*view_of(plain("10.0.2.40", "10.0.2.41")))
+    result = proxier.sync(*view_of(plain("10.0.2.40", "10.0.2.49")))
+    assert fake.scripts[-1].splitlines() == [
+        "delete element ip kproxy backends { 172.30.0.44 . tcp . 80 . 1 }",
+        "delete element ip kproxy hairpin-ips { 10.0.2.41 . 10.0.2.41 }",
+        "delete element ip kproxy nodeport-backends { tcp . 30084 . 1 }",
+        "add element ip kproxy backends { 172.30.0.44 . tcp . 80 . 1 : 10.0.2.49 . 80 }",
+        "add element ip kproxy hairpin-ips { 10.0.2.49 . 10.0.2.49 }",
+        "add element ip kproxy nodeport-backends { tcp . 30084 . 1 : 10.0.2.49 . 80 }",
+    ]
+    assert not result.full and result.chains_written == 0
+
+
 def test_one_endpoint_change_writes_only_that_services_objects() -> None:
     fake = FakeNft()
     proxier = NftablesProxier(fake)

@@ -26,10 +26,10 @@ class Expected:
 
 
 def expected(last: Ruleset, applied: Applied) -> Expected:
-    rules = {c.name: len(c.rules) for c in last.chains if c.rules}
+    rules = {c.name: len(c.rules) for c in (*last.chains, *last.shared_chains) if c.rules}
     for objs in last.services.values():
         rules.update((c.name, len(c.rules)) for c in objs.chains if c.rules)
-    counted = [c.name for c in last.containers if "interval" not in c.flags and not c.timeout]
+    counted = [c.name for c in (*last.containers, *last.shared_sets) if "interval" not in c.flags and not c.timeout]
     elements = {name: sum(1 for claims in applied.claims.get(name, {}).values() if claims) for name in counted}
     return Expected(rules, elements)
 

@@ -49,6 +49,12 @@ NO_ENDPOINT_NODEPORTS = "no-endpoint-nodeports"
 FIREWALL_IPS = "firewall-ips"
 FIREWALL_ALLOW = "firewall-allow"
 HAIRPIN = "hairpin-ips"
+# The shared layout (render.py): every plain Service port's endpoints, keyed by VIP or NodePort
+# and index, and the dispatch chains holding one rule per endpoint count.
+BACKENDS = "backends"
+NODEPORT_BACKENDS = "nodeport-backends"
+SHARED_SERVICE_IPS = "shared-service-ips"
+SHARED_NODEPORTS = "shared-nodeports"
 
 SERVICE_PREFIX = "service-"
 LOCAL_PREFIX = "local-"
@@ -83,6 +89,21 @@ def affinity_set(spn: ServicePortName, ip: str, port: int) -> str:
     # ':' is not allowed in nft names; upstream writes IPv6 endpoints with '.' instead.
     ep = f"{ip.replace(':', '.')}/{port}"
     return AFFINITY_PREFIX + _hash_and_truncate(f"{spn.namespace}/{spn.name}/{spn.protocol.lowercase}/{spn.port}__{ep}")
+
+
+def lb_chain(count: int) -> str:
+    """The chain that balances a ClusterIP over `count` endpoints of the `backends` map."""
+    return f"lb-{count}"
+
+
+def nodeport_lb_chain(count: int) -> str:
+    return f"nodeport-lb-{count}"
+
+
+def lb_keys(chain: str) -> str:
+    """The set of Service keys a shared balancing chain serves: `lb-3` -> `service-ips-3`."""
+    kind, _, count = chain.rpartition("-")
+    return f"service-ips-{count}" if kind == "lb" else f"service-nodeports-{count}"
 
 
 def is_service_object(name: str) -> bool:

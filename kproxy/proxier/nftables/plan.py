@@ -44,6 +44,12 @@ class Applied:
     services: Mapping[ServicePortName, ServiceObjects]
     # container -> key -> claims in order: [(value, count), ...]
     claims: dict[str, dict[str, list[Claim]]] = field(default_factory=dict)
+    # The shared layout's chains and sets (render.shared_objects), compared as one more port.
+    shared: ServiceObjects = ServiceObjects()
+
+
+def _shared(rs: Ruleset) -> ServiceObjects:
+    return ServiceObjects(chains=rs.shared_chains, sets=rs.shared_sets)
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,7 @@ def _element_lines(t: str, verb: str, container: str, items: Iterable[tuple[str,
 
 
 def _claims_of(rs: Ruleset) -> dict[str, dict[str, list[Claim]]]:
-    claims: dict[str, dict[str, list[Claim]]] = {c.name: {} for c in rs.containers}
+    claims: dict[str, dict[str, list[Claim]]] = {c.name: {} for c in (*rs.containers, *rs.shared_sets)}
     for objs in (ServiceObjects(elements=rs.elements), *(rs.services[s] for s in sorted(rs.services))):
         for cont, key, value in objs.elements:
             _claim(claims[cont].setdefault(key, []), value)
@@ -133,19 +139,19 @@ def full_plan(rs: Ruleset) -> NftPlan:
         f"delete table {t}",
         f'add table {t} {{ comment "rules for kproxy" ; }}',
     ]
-    chains = list(rs.chains)
+    chains = [*rs.chains, *rs.shared_chains]
     svc_chains = [c for s in sorted(rs.services) for c in rs.services[s].chains]
     for c in chains:
         lines.append(f"add chain {t} {c.name} {{ {c.hook} ; }}" if c.hook else f"add chain {t} {c.name}")
     lines += [f"add chain {t} {c.name}" for c in svc_chains]
-    for container in rs.containers:
+    for container in (*rs.containers, *rs.shared_sets):
         lines.append(f"add {container.kind} {t} {container.name} {container.spec()}")
     for s in sorted(rs.services):
         lines += [f"add set {t} {a.name} {a.spec()}" for a in rs.services[s].sets]
     for c in chains + svc_chains:
         lines += _chain_lines(t, c)
     claims = _claims_of(rs)
-    kinds = {c.name: c.kind for c in rs.containers}
+    kinds = {c.name: c.kind for c in (*rs.containers, *rs.shared_sets)}
     added = 0
     for cont, keys in claims.items():
         items = [(k, v[0][0]) for k, v in keys.items()]
@@ -190,9 +196,11 @@ def plan(desired: Ruleset, applied: Applied | None, changed: Collection[ServiceP
         for cont, key, value in elements:
             (_claim if claim else _release)(load(cont, key), value)
 
-    for spn in sorted(names_):
-        old = applied.services.get(spn)
-        new = desired.services.get(spn)
+    old_shared, new_shared = applied.shared, _shared(desired)
+    pairs = [(applied.services.get(spn), desired.services.get(spn)) for spn in sorted(names_)]
+    if old_shared != new_shared:
+        pairs.append((old_shared, new_shared))
+    for old, new in pairs:
         if old is new:
             continue
         if old is not None:
@@ -204,7 +212,7 @@ def plan(desired: Ruleset, applied: Applied | None, changed: Collection[ServiceP
             new_sets.update((s.name, s) for s in new.sets)
             apply(new.elements, claim=True)
 
-    kinds = {c.name: c.kind for c in desired.containers}
+    kinds = {c.name: c.kind for c in (*desired.containers, *desired.shared_sets)}
     deletes: dict[str, list[tuple[str, str]]] = {}
     adds: dict[str, list[tuple[str, str]]] = {}
     for (cont, key), was in before.items():
@@ -250,7 +258,7 @@ def plan(desired: Ruleset, applied: Applied | None, changed: Collection[ServiceP
 def committed(desired: Ruleset, applied: Applied | None, done: NftPlan) -> Applied:
     """What is applied once `done` (planned from `applied` to `desired`) has been committed."""
     if done.full or applied is None:
-        return Applied(fixed_key(desired), desired.services, done.claims)
+        return Applied(fixed_key(desired), desired.services, done.claims, _shared(desired))
     for cont, keys in done.claims.items():
         mine = applied.claims.setdefault(cont, {})
         for key, claims in keys.items():
@@ -258,4 +266,4 @@ def committed(desired: Ruleset, applied: Applied | None, done: NftPlan) -> Appli
                 mine[key] = claims
             else:
                 mine.pop(key, None)
-    return Applied(applied.fixed_key, desired.services, applied.claims)
+    return Applied(applied.fixed_key, desired.services, applied.claims, _shared(desired))

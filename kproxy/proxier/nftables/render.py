@@ -1,43 +1,57 @@
 """The nftables mode, pure: one family's view and node context in, the desired table out.
 
 The layout follows upstream's nftables mode (pkg/proxy/nftables, see docs/mode-nftables.md):
-base chains at upstream's hooks and priorities, dispatch through verdict maps keyed on
-`address . protocol . port` (`service-ips`) and `protocol . port` (`service-nodeports`), the
-no-endpoint REJECT / no-local-endpoint DROP maps checked from the filter hooks, the
-`cluster-ips` REJECT of unknown ports, masquerading by mark. It uses fewer kernel objects:
+base chains at upstream's hooks and priorities, dispatch keyed on `address . protocol . port`
+and `protocol . port`, the no-endpoint REJECT / no-local-endpoint DROP maps checked from the
+filter hooks, the `cluster-ips` REJECT of unknown ports, masquerading by mark. It uses far fewer
+kernel objects, because at scale the kernel's cost is per object (docs/mode-nftables.md,
+"Kernel interface: measured"):
 
-- **No chain per endpoint.** A Service chain picks its endpoint and DNATs in one rule,
-  `dnat to numgen random mod N map { 0 : ip . port, ... }`. Upstream's endpoint chain held two
-  more things: the hairpin masquerade, done here by one global set `hairpin-ips` of
-  `endpoint . endpoint` pairs matched in `masquerading` (a DNATed packet whose source is its
-  new destination), and the affinity update, done here in the Service chain (below).
-- **ClientIP affinity without endpoint chains.** One timed set per endpoint, as upstream; the
-  Service chain first sends a remembered client to its endpoint (`ip saddr @set update @set
-  { ip saddr } dnat to ...`, refreshing the timeout as a recent hit does), then chooses one by a
-  `numgen random mod (N-i) 0` cascade that records the choice: uniform, as iptables' statistic.
+- **Most Service ports are only elements (the shared layout).** A Service port without session
+  affinity, external IPs, LoadBalancer IPs or `externalTrafficPolicy: Local` (ClusterIP and
+  NodePort Services, nearly all of a cluster) owns no chain and no set: its ClusterIP key is an
+  element of `service-ips-N` (N: how many endpoints it balances over), its NodePort one of
+  `service-nodeports-N`, its endpoints elements of `backends` (`VIP . protocol . port . index :
+  endpoint . port`) and `nodeport-backends`. One chain per endpoint count, `lb-N`, picks
+  `numgen random mod N` and DNATs through `backends` in one rule. Dispatch to `lb-N` is a rule
+  per count on a plain set, not a verdict-map element: adding a `goto` element makes the kernel
+  re-validate the whole jump graph on commit, which grows with the table, while adding a plain
+  element costs the same at any size.
+- **No chain per endpoint**, even for the Service ports that keep their own chain (below): it
+  picks its endpoint and DNATs in one rule, `dnat to numgen random mod N map { 0 : ip . port,
+  ... }`. Upstream's endpoint chain held two more things: the hairpin masquerade, done here by
+  one global set `hairpin-ips` of `endpoint . endpoint` pairs matched in `masquerading` (a
+  DNATed packet whose source is its new destination), and the affinity update, done here in
+  the Service chain.
+- **Own chains only where behaviour needs them**: ClientIP affinity (one timed set per
+  endpoint, as upstream; the Service chain first sends a remembered client to its endpoint,
+  then chooses one by a `numgen random mod (N-i) 0` cascade that records the choice, uniform
+  as iptables' statistic), eTP Local (its short-circuit rules), and external IPs or LB IPs
+  (two Services may claim one external address and port; a verdict-map key is claimed by one).
+  These are reached by `goto` from the verdict maps `service-ips` and `service-nodeports`.
 - **No firewall chain per Service.** `loadBalancerSourceRanges` are elements of two sets:
   `firewall-ips` (which LB IP . protocol . port are guarded) and `firewall-allow` (those keys
   concatenated with the allowed source ranges, an interval set); one rule drops the rest.
 - **No external chain for `externalTrafficPolicy: Cluster`.** External destinations go straight
   to the Service chain, which marks every packet whose destination is not the ClusterIP.
-  The external chain remains for eTP Local, whose short-circuit rules need it, and there it
-  ends in the local endpoints' DNAT itself (no separate local chain unless iTP is Local).
 
 Each Service port renders into its own `ServiceObjects` value; a render given the previous
-`Ruleset` reuses the value of every Service port whose inputs did not change, so the plan
-(plan.py) can write only what changed.
+`Ruleset` reuses the value of every Service port whose inputs did not change (and, told which
+changed, looks at no other), so the plan (plan.py) can write only what changed. The shared
+chains and sets follow from how many Service ports use each endpoint count, kept as a count.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from kproxy.model import Endpoint, IPFamily, ServicePort, ServicePortName
 from kproxy.node import LocalDetector, NodeContext
 from kproxy.proxier.nftables import names
-from kproxy.topology import categorize
+from kproxy.topology import EndpointSets, categorize
 
 REJECT_VERDICT = f"goto {names.REJECT_CHAIN}"
 DROP_VERDICT = "drop"
@@ -53,10 +67,12 @@ class Container:
     flags: tuple[str, ...] = ()
     timeout: int = 0
     comment: str = ""
+    # Declared by expressions instead (a numgen key has no named type): `typeof ...`.
+    typeof: str = ""
 
     def spec(self) -> str:
         """The body of `add set|map ip kproxy NAME { ... }`."""
-        parts = [f"type {self.type} ;"]
+        parts = [f"typeof {self.typeof} ;" if self.typeof else f"type {self.type} ;"]
         if self.flags:
             parts.append(f"flags {','.join(self.flags)} ;")
         if self.timeout:
@@ -87,6 +103,8 @@ class ServiceObjects:
     sets: tuple[Container, ...] = ()  # its affinity sets
     no_local_internal: bool = False
     no_local_external: bool = False
+    # The shared balancing chains its elements go through (`lb-3`, `nodeport-lb-3`).
+    shared: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,6 +120,13 @@ class Ruleset:
     services: Mapping[ServicePortName, ServiceObjects] = field(default_factory=dict)
     ctx: NodeContext | None = None
     inputs: Mapping[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]] = field(default_factory=dict)
+    # The shared layout's chains and sets, and how many Service ports use each shared chain.
+    shared_chains: tuple[Chain, ...] = ()
+    shared_sets: tuple[Container, ...] = ()
+    uses: Mapping[str, int] = field(default_factory=dict)
+    # Service ports with endpoints elsewhere but none here for internal / external traffic.
+    no_local_internal: int = 0
+    no_local_external: int = 0
 
     @property
     def nft_family(self) -> str:
@@ -113,7 +138,7 @@ class Ruleset:
         return full_script(self)
 
     def all_chains(self) -> dict[str, Chain]:
-        out = {c.name: c for c in self.chains}
+        out = {c.name: c for c in (*self.chains, *self.shared_chains)}
         for objs in self.services.values():
             out.update((c.name, c) for c in objs.chains)
         return out
@@ -121,7 +146,7 @@ class Ruleset:
     def all_elements(self) -> dict[str, dict[str, str]]:
         """Every container's elements, key -> value; where two Services claim one key with
         different values the first in name order wins, as the first rule would in iptables."""
-        out: dict[str, dict[str, str]] = {c.name: {} for c in self.containers}
+        out: dict[str, dict[str, str]] = {c.name: {} for c in (*self.containers, *self.shared_sets)}
         for cont, key, value in self.elements:
             out[cont].setdefault(key, value)
         for spn in sorted(self.services):
@@ -130,7 +155,7 @@ class Ruleset:
         return out
 
     def all_sets(self) -> dict[str, Container]:
-        out = {c.name: c for c in self.containers}
+        out = {c.name: c for c in (*self.containers, *self.shared_sets)}
         for objs in self.services.values():
             out.update((s.name, s) for s in objs.sets)
         return out
@@ -163,27 +188,117 @@ def render(
 ) -> Ruleset:
     """The desired table for one family; `ports` must be this family's view.
 
-    With `previous`, a Service port whose inputs equal last time's (or, when `changed` is
-    given, that is not in it) reuses its rendered objects.
+    With `previous`, a Service port whose inputs equal last time's reuses its rendered objects;
+    when `changed` is given too, only the Service ports it names are looked at, so a sync after
+    one change costs the same at any size.
     """
     reuse = previous is not None and previous.ctx == ctx
+    if previous is not None and reuse and changed is not None:
+        services = dict(previous.services)
+        inputs = dict(previous.inputs)
+        tally = _Tally(previous)
+        todo: Collection[ServicePortName] = changed
+    else:
+        services, inputs, tally = {}, {}, _Tally(None)
+        todo = list(ports)
     prev_inputs = previous.inputs if previous is not None and reuse else {}
-    prev_objs = previous.services if previous is not None else {}
-    services: dict[ServicePortName, ServiceObjects] = {}
-    inputs: dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]] = {}
-    for name, svc in ports.items():
+    prev_objs = previous.services if previous is not None and reuse else {}
+    for name in todo:
+        svc = ports.get(name)
+        old_objs = services.pop(name, None)
+        inputs.pop(name, None)
+        if old_objs is not None:
+            tally.drop(old_objs)
+        if svc is None:
+            continue
         eps = endpoints.get(name, ())
         old = prev_inputs.get(name)
-        if old is not None and (
-            (changed is not None and name not in changed) or ((old[0] is svc or old[0] == svc) and old[1] == eps)
-        ):
-            services[name] = prev_objs[name]
-            inputs[name] = old
-            continue
-        services[name] = render_service(svc, eps, ctx)
-        inputs[name] = (svc, eps)
+        if old is not None and (old[0] is svc or old[0] == svc) and old[1] == eps:
+            objs, inputs[name] = prev_objs[name], old
+        else:
+            objs, inputs[name] = render_service(svc, eps, ctx), (svc, eps)
+        services[name] = objs
+        tally.add(objs)
     chains, containers, elements = fixed(ctx)
-    return Ruleset(ctx.family, chains, containers, elements, services, ctx, inputs)
+    shared_chains, shared_sets = shared_objects(tally.uses, ctx)
+    return Ruleset(
+        ctx.family,
+        chains,
+        containers,
+        elements,
+        services,
+        ctx,
+        inputs,
+        shared_chains,
+        shared_sets,
+        dict(tally.uses),
+        tally.no_local_internal,
+        tally.no_local_external,
+    )
+
+
+class _Tally:
+    """What the Ruleset counts over its Service ports, kept up to date one port at a time."""
+
+    def __init__(self, previous: Ruleset | None) -> None:
+        self.uses: Counter[str] = Counter(previous.uses if previous is not None else {})
+        self.no_local_internal = previous.no_local_internal if previous is not None else 0
+        self.no_local_external = previous.no_local_external if previous is not None else 0
+
+    def add(self, objs: ServiceObjects, sign: int = 1) -> None:
+        for chain in objs.shared:
+            self.uses[chain] += sign
+            if not self.uses[chain]:
+                del self.uses[chain]
+        self.no_local_internal += sign * objs.no_local_internal
+        self.no_local_external += sign * objs.no_local_external
+
+    def drop(self, objs: ServiceObjects) -> None:
+        self.add(objs, -1)
+
+
+def _lb_count(chain: str) -> int:
+    return int(chain.rpartition("-")[2])
+
+
+def shared_objects(uses: Mapping[str, int], ctx: NodeContext) -> tuple[tuple[Chain, ...], tuple[Container, ...]]:
+    """The balancing chains `lb-N` / `nodeport-lb-N` in use, their key sets, and the two
+    dispatch chains with one rule per endpoint count."""
+    ipx = nft_family(ctx.family)
+    addr = _addr_type(ctx.family)
+    lbs = sorted((c for c in uses if c.startswith("lb-")), key=_lb_count)
+    nps = sorted((c for c in uses if c.startswith("nodeport-lb-")), key=_lb_count)
+    dest_key = f"{ipx} daddr . meta l4proto . th dport"
+    # nft wants a transport protocol before a DNAT with a port; every Service protocol is one.
+    dnat = f"meta l4proto {{ tcp, udp, sctp }} dnat {ipx} addr . port to"
+    head: tuple[str, ...] = ()
+    if ctx.masquerade_all:
+        head = (f"jump {names.MARK_MASQ}",)
+    elif ctx.local_detector.implemented:
+        # Off-cluster traffic to a VIP may be routed back out to another node: masquerade it
+        # so the reply comes back through us.
+        head = (f"{local_match(ctx.local_detector, ipx, negate=True)} jump {names.MARK_MASQ}",)
+    chains = [
+        Chain(names.SHARED_SERVICE_IPS, tuple(f"{dest_key} @{names.lb_keys(c)} goto {c}" for c in lbs)),
+        Chain(names.SHARED_NODEPORTS, tuple(f"meta l4proto . th dport @{names.lb_keys(c)} goto {c}" for c in nps)),
+    ]
+    chains += [
+        Chain(c, (*head, f"{dnat} {dest_key} . numgen random mod {_lb_count(c)} map @{names.BACKENDS}")) for c in lbs
+    ]
+    # NodePort traffic with eTP Cluster may leave for another node: always masqueraded.
+    chains += [
+        Chain(
+            c,
+            (
+                f"jump {names.MARK_MASQ}",
+                f"{dnat} meta l4proto . th dport . numgen random mod {_lb_count(c)} map @{names.NODEPORT_BACKENDS}",
+            ),
+        )
+        for c in nps
+    ]
+    sets = [Container(names.lb_keys(c), f"{addr} . inet_proto . inet_service") for c in lbs]
+    sets += [Container(names.lb_keys(c), "inet_proto . inet_service") for c in nps]
+    return tuple(chains), tuple(sets)
 
 
 def nodeport_ips(ctx: NodeContext) -> tuple[str, ...] | None:
@@ -207,13 +322,12 @@ def fixed(ctx: NodeContext) -> tuple[tuple[Chain, ...], tuple[Container, ...], t
     new = "ct state new"
     nodeports = nodeport_ips(ctx)
     if nodeports is None:
-        np_dispatch = (
-            f"fib daddr type local {ipx} daddr != {loopback} meta l4proto . th dport vmap @{n.SERVICE_NODEPORTS}"
-        )
+        np_match = f"fib daddr type local {ipx} daddr != {loopback}"
         np_check = f"{ipx} daddr != {loopback} meta l4proto . th dport vmap @{n.NO_ENDPOINT_NODEPORTS}"
     else:
-        np_dispatch = f"{ipx} daddr @{n.NODEPORT_IPS} meta l4proto . th dport vmap @{n.SERVICE_NODEPORTS}"
+        np_match = f"{ipx} daddr @{n.NODEPORT_IPS}"
         np_check = f"{ipx} daddr @{n.NODEPORT_IPS} meta l4proto . th dport vmap @{n.NO_ENDPOINT_NODEPORTS}"
+    np_dispatch = f"{np_match} meta l4proto . th dport vmap @{n.SERVICE_NODEPORTS}"
     forward = []
     if not ctx.conntrack_tcp_liberal:
         # An INVALID packet that slips past conntrack would reach the pod un-NATed and draw a
@@ -249,7 +363,15 @@ def fixed(ctx: NodeContext) -> tuple[tuple[Chain, ...], tuple[Container, ...], t
         Chain(n.NAT_PREROUTING, (f"jump {n.SERVICES}",), "type nat hook prerouting priority -100"),
         Chain(n.NAT_OUTPUT, (f"jump {n.SERVICES}",), "type nat hook output priority -100"),
         Chain(n.NAT_POSTROUTING, (f"jump {n.MASQUERADING}",), "type nat hook postrouting priority 100"),
-        Chain(n.SERVICES, (f"{dest_key} vmap @{n.SERVICE_IPS}", np_dispatch)),
+        Chain(
+            n.SERVICES,
+            (
+                f"{dest_key} vmap @{n.SERVICE_IPS}",
+                f"jump {n.SHARED_SERVICE_IPS}",
+                np_dispatch,
+                f"{np_match} jump {n.SHARED_NODEPORTS}",
+            ),
+        ),
         Chain(n.SERVICE_ENDPOINTS_CHECK, (f"{dest_key} vmap @{n.NO_ENDPOINT_SERVICES}",)),
         Chain(n.NODEPORT_ENDPOINTS_CHECK, (np_check,)),
         # A live ClusterIP answers only on its Service ports (upstream's nftables mode).
@@ -288,6 +410,20 @@ def fixed(ctx: NodeContext) -> tuple[tuple[Chain, ...], tuple[Container, ...], t
         Container(n.FIREWALL_IPS, vkey, comment="destinations subject to loadBalancerSourceRanges"),
         Container(n.FIREWALL_ALLOW, f"{vkey} . {addr}", flags=("interval",), comment="allowed sources"),
         Container(n.HAIRPIN, f"{addr} . {addr}", comment="endpoint . endpoint: hairpin traffic"),
+        Container(
+            n.BACKENDS,
+            f"{vkey} . integer : {addr} . inet_service",
+            "map",
+            comment="VIP . protocol . port . index: endpoint of a shared-layout Service port",
+            typeof=f"{ipx} daddr . meta l4proto . th dport . numgen random mod 1 : {ipx} daddr . th dport",
+        ),
+        Container(
+            n.NODEPORT_BACKENDS,
+            f"inet_proto . inet_service . integer : {addr} . inet_service",
+            "map",
+            comment="protocol . NodePort . index: endpoint of a shared-layout Service port",
+            typeof=f"meta l4proto . th dport . numgen random mod 1 : {ipx} daddr . th dport",
+        ),
     )
     elements = tuple((n.NODEPORT_IPS, ip, "") for ip in nodeports or ())
     return chains, containers, elements
@@ -329,11 +465,59 @@ def _network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(cidr, strict=False)
 
 
+def is_shared(svc: ServicePort) -> bool:
+    """Whether a Service port is elements of the shared layout only (see the module's text)."""
+    return not (
+        svc.affinity_timeout
+        or svc.external_ips
+        or svc.lb_ips
+        or (svc.externally_accessible and svc.external_policy_local)
+    )
+
+
 def render_service(svc: ServicePort, eps: tuple[Endpoint, ...], ctx: NodeContext) -> ServiceObjects:
+    sets = categorize(eps, svc, ctx.node_name, ctx.zone)
+    if is_shared(svc):
+        return _shared_service(svc, sets)
+    return _own_chains(svc, sets, ctx)
+
+
+def _backends(container: str, key: str, eps: tuple[Endpoint, ...]) -> list[Element]:
+    return [(container, f"{key} . {i}", f"{ep.ip} . {ep.port}") for i, ep in enumerate(eps)]
+
+
+def _shared_service(svc: ServicePort, sets: EndpointSets) -> ServiceObjects:
+    proto = svc.protocol.lowercase
+    key = f"{svc.cluster_ip} . {proto} . {svc.port}"
+    internal = sets.local if svc.internal_policy_local else sets.cluster
+    elements: list[Element] = [(names.CLUSTER_IPS, svc.cluster_ip, "")]
+    shared: list[str] = []
+    if internal:
+        lb = names.lb_chain(len(internal))
+        shared.append(lb)
+        elements.append((names.lb_keys(lb), key, ""))
+        elements += _backends(names.BACKENDS, key, internal)
+    else:
+        elements.append((names.NO_ENDPOINT_SERVICES, key, DROP_VERDICT if sets.has_any else REJECT_VERDICT))
+    if svc.node_port:
+        np_key = f"{proto} . {svc.node_port}"
+        if sets.cluster:
+            lb = names.nodeport_lb_chain(len(sets.cluster))
+            shared.append(lb)
+            elements.append((names.lb_keys(lb), np_key, ""))
+            elements += _backends(names.NODEPORT_BACKENDS, np_key, sets.cluster)
+        else:
+            elements.append((names.NO_ENDPOINT_NODEPORTS, np_key, REJECT_VERDICT))
+    elements.extend((names.HAIRPIN, f"{ep.ip} . {ep.ip}", "") for ep in sets.reachable)
+    return ServiceObjects(
+        elements=tuple(elements), no_local_internal=sets.has_any and not internal, shared=tuple(shared)
+    )
+
+
+def _own_chains(svc: ServicePort, sets: EndpointSets, ctx: NodeContext) -> ServiceObjects:
     spn = svc.name
     ipx = nft_family(ctx.family)
     proto = svc.protocol.lowercase
-    sets = categorize(eps, svc, ctx.node_name, ctx.zone)
     has_any = sets.has_any
 
     svc_chain = names.service_chain(spn)

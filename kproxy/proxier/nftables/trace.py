@@ -212,6 +212,11 @@ class Tracer:
                 if p.proto != w or p.dport != int(t[i + 2]):
                     return nomatch
                 i += 3
+            elif w == "meta" and t[i + 1] == "l4proto" and t[i + 2] == "{":
+                end = t.index("}", i)
+                if p.proto not in t[i + 3 : end]:
+                    return nomatch
+                i = end + 1
             elif w == "meta" and t[i + 1] == "l4proto" and t[i + 2] != ".":
                 if p.proto != t[i + 2]:
                     return nomatch
@@ -243,6 +248,21 @@ class Tracer:
                 return hit + nomatch
             elif w == "update":
                 i += 6  # `update @set { ip saddr }`: remembers the client; nothing to match
+            elif w == "dnat" and t[i + 2] == "addr":
+                # `dnat ip addr . port to <key> . numgen random mod N map @M`: every index.
+                to = t.index("to", i)
+                gen = t.index("numgen", to)
+                key = " . ".join(self._field(p, t[j + 1]) for j in range(to + 1, gen, 3))
+                table = self.table.elements.get(t[gen + 5][1:], {})
+                out = []
+                for k in range(int(t[gen + 3])):
+                    target = table.get(f"{key} . {k}")
+                    if target is None:
+                        out += nomatch  # a missing element breaks the rule, as a failed lookup
+                        continue
+                    ip, _, port = target.partition(" . ")
+                    out.append(self._dnat(p, ip, port))
+                return out
             elif w == "dnat":
                 if t[i + 2] == "numgen":
                     body = t[t.index("{", i) + 1 : t.index("}", i)]
