@@ -32,8 +32,11 @@ from kproxy.proxier.nftables.render import Chain, Container, Element, Ruleset, S
 # still point near its cause.
 _BATCH = 64
 
-# One claim: the value, or (value, count); several values: a list of (value, count) in claim order.
+# Who claims one key: nearly always one Service port, kept as just its value (a set's element
+# has the value ""); otherwise every distinct value with its count, in claim order. None: a
+# key released in a partial plan (dropped when the plan is committed).
 Claim = tuple[str, int]
+Claims = str | list[Claim] | None
 
 
 @dataclass
@@ -43,7 +46,7 @@ class Applied:
     fixed_key: str
     services: Mapping[ServicePortName, ServiceObjects]
     # container -> key -> claims in order: [(value, count), ...]
-    claims: dict[str, dict[str, list[Claim]]] = field(default_factory=dict)
+    claims: dict[str, dict[str, Claims]] = field(default_factory=dict)
     # The shared layout's chains and sets (render.shared_objects), compared as one more port.
     shared: ServiceObjects = ServiceObjects()
 
@@ -62,7 +65,7 @@ class NftPlan:
     elements_deleted: int = 0
     # What `claims` looks like once this plan is committed (only the touched keys on a
     # partial plan; the proxier merges them).
-    claims: dict[str, dict[str, list[Claim]]] = field(default_factory=dict)
+    claims: dict[str, dict[str, Claims]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return self.text
@@ -101,29 +104,55 @@ def _element_lines(t: str, verb: str, container: str, items: Iterable[tuple[str,
     return out
 
 
-def _claims_of(rs: Ruleset) -> dict[str, dict[str, list[Claim]]]:
-    claims: dict[str, dict[str, list[Claim]]] = {c.name: {} for c in (*rs.containers, *rs.shared_sets)}
+def _claims_of(rs: Ruleset) -> dict[str, dict[str, Claims]]:
+    claims: dict[str, dict[str, Claims]] = {c.name: {} for c in (*rs.containers, *rs.shared_sets)}
     for objs in (ServiceObjects(elements=rs.elements), *(rs.services[s] for s in sorted(rs.services))):
         for cont, key, value in objs.elements:
-            _claim(claims[cont].setdefault(key, []), value)
+            mine = claims[cont]
+            if key in mine:
+                _claim(mine, key, value)
+            else:
+                mine[key] = value
     return claims
 
 
-def _claim(claims: list[Claim], value: str) -> None:
-    for i, (v, n) in enumerate(claims):
+def _first(claims: Claims) -> str | None:
+    """The value in the kernel: the first claim's."""
+    if claims is None or isinstance(claims, str):
+        return claims
+    return claims[0][0] if claims else None
+
+
+def _claim(claims: dict[str, Claims], key: str, value: str) -> None:
+    cur = claims.get(key)
+    if cur is None:
+        claims[key] = value
+        return
+    if isinstance(cur, str):
+        cur = claims[key] = [(cur, 1)]
+    for i, (v, n) in enumerate(cur):
         if v == value:
-            claims[i] = (v, n + 1)
+            cur[i] = (v, n + 1)
             return
-    claims.append((value, 1))
+    cur.append((value, 1))
 
 
-def _release(claims: list[Claim], value: str) -> None:
-    for i, (v, n) in enumerate(claims):
-        if v == value:
+def _release(claims: dict[str, Claims], key: str, value: str) -> None:
+    cur = claims.get(key)
+    if isinstance(cur, str):
+        if cur == value:
+            claims[key] = None
+        return
+    for i, (v, n) in enumerate(cur or []):
+        if v == value and cur is not None:
             if n > 1:
-                claims[i] = (v, n - 1)
+                cur[i] = (v, n - 1)
             else:
-                del claims[i]
+                del cur[i]
+            if not cur:
+                claims[key] = None
+            elif len(cur) == 1 and cur[0][1] == 1:
+                claims[key] = cur[0][0]
             return
 
 
@@ -154,7 +183,7 @@ def full_plan(rs: Ruleset) -> NftPlan:
     kinds = {c.name: c.kind for c in (*rs.containers, *rs.shared_sets)}
     added = 0
     for cont, keys in claims.items():
-        items = [(k, v[0][0]) for k, v in keys.items()]
+        items = [(k, v if isinstance(v, str) else _first(v) or "") for k, v in keys.items()]
         added += len(items)
         lines += _element_lines(t, "add", cont, items, kinds[cont] == "set")
     return NftPlan(
@@ -178,23 +207,22 @@ def plan(desired: Ruleset, applied: Applied | None, changed: Collection[ServiceP
     new_chains: dict[str, Chain] = {}
     old_sets: dict[str, Container] = {}
     new_sets: dict[str, Container] = {}
-    touched: dict[str, dict[str, list[Claim]]] = {}
+    touched: dict[str, dict[str, Claims]] = {}
     before: dict[tuple[str, str], str | None] = {}
 
     base_claims = applied.claims
 
-    def load(cont: str, key: str) -> list[Claim]:
+    def load(cont: str, key: str) -> dict[str, Claims]:
         mine = touched.setdefault(cont, {})
-        claims = mine.get(key)
-        if claims is None:
+        if key not in mine:
             base = base_claims.get(cont, {}).get(key)
-            before[(cont, key)] = base[0][0] if base else None
-            claims = mine[key] = list(base) if base else []
-        return claims
+            before[(cont, key)] = _first(base)
+            mine[key] = base if base is None or isinstance(base, str) else list(base)
+        return mine
 
     def apply(elements: tuple[Element, ...], claim: bool) -> None:
         for cont, key, value in elements:
-            (_claim if claim else _release)(load(cont, key), value)
+            (_claim if claim else _release)(load(cont, key), key, value)
 
     old_shared, new_shared = applied.shared, _shared(desired)
     pairs = [(applied.services.get(spn), desired.services.get(spn)) for spn in sorted(names_)]
@@ -216,8 +244,7 @@ def plan(desired: Ruleset, applied: Applied | None, changed: Collection[ServiceP
     deletes: dict[str, list[tuple[str, str]]] = {}
     adds: dict[str, list[tuple[str, str]]] = {}
     for (cont, key), was in before.items():
-        claims = touched[cont][key]
-        now = claims[0][0] if claims else None
+        now = _first(touched[cont][key])
         if now == was:
             continue
         if was is not None:
@@ -262,8 +289,8 @@ def committed(desired: Ruleset, applied: Applied | None, done: NftPlan) -> Appli
     for cont, keys in done.claims.items():
         mine = applied.claims.setdefault(cont, {})
         for key, claims in keys.items():
-            if claims:
-                mine[key] = claims
-            else:
+            if claims is None:
                 mine.pop(key, None)
+            else:
+                mine[key] = claims
     return Applied(applied.fixed_key, desired.services, applied.claims, _shared(desired))
