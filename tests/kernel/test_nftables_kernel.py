@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
 import test_iptables_kernel as ipt
 import yaml
 
@@ -211,11 +212,13 @@ def test_a_table_deleted_by_hand_is_back_after_the_next_sync(world: Lab, tmp_pat
     assert answered_by(probe_many(world.pod("pod-1b"), CIP, 80, count=4)) == {"pod-1a"}
 
 
-def test_a_refused_transaction_keeps_the_working_rules(world: Lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize("in_process", [True, False], ids=["libnftables", "nft -f"])
+def test_a_refused_transaction_keeps_the_working_rules(world: Lab, tmp_path: Path, in_process: bool) -> None:
     sync(world, tmp_path, svc("pod-1a"))
     code = (
         "from kproxy.backends.nftables import Nft\n"
-        "Nft().apply('flush chain ip kproxy services\\nadd rule ip kproxy services jump no-such-chain\\n')\n"
+        f"Nft(in_process={in_process}).apply("
+        "'flush chain ip kproxy services\\nadd rule ip kproxy services jump no-such-chain\\n')\n"
     )
     res = world.run(world.node(1).ns, [sys.executable, "-c", code], check=False)
     assert res.returncode != 0 and "no-such-chain" in res.stderr and "previous ruleset stays" in res.stderr
