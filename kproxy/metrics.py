@@ -6,6 +6,15 @@ Guarantees:
   network programming latency (upstream's 0, 0.25 s … 5 min buckets), last synced and last queued
   timestamps, pending and total changes, restore failures, no-local-endpoint gauges, and the
   healthz/livez counters. kproxy's own series carry the ``kproxy_`` prefix.
+- The per-mode counts of what is programmed: upstream's ``sync_proxy_rules_iptables_total`` and
+  ``_last`` (rules in our chains per table, and those the last sync wrote; iptables mode), and
+  ``kproxy_sync_proxy_rules_objects{kind}`` for what upstream counts nowhere (the nftables mode's
+  chains, rules and elements; the IPVS mode's virtual and real servers). They, and upstream's
+  conntrack reconciler series, carry upstream's ``ip_family`` label (``IPv4``/``IPv6``): a
+  dual-stack node holds a count per family. The older series above carry none, as upstream's
+  did before 1.33; they count the whole node.
+- Sync phases (``kproxy_sync_proxy_rules_phase_duration_seconds{phase}``: render, plan, apply,
+  summed over the families of one sync) and syncs by kind and result (``kproxy_syncs_total``).
 - Each `ProxyMetrics` has its own registry (tests build as many as they like); `serve` exposes one
   on ``/metrics`` in the text format, with ``/healthz`` and ``/proxyMode`` as kube-proxy's metrics
   server has them.
@@ -152,6 +161,65 @@ class ProxyMetrics:
             ["kind"],
             registry=r,
         )
+        self.nftables_sync_failures = Counter(
+            "sync_proxy_rules_nftables_sync_failures_total",
+            "Cumulative proxy nftables sync failures",
+            namespace=ns,
+            registry=r,
+        )
+        self.iptables_rules = Gauge(
+            "sync_proxy_rules_iptables_total",
+            "Total number of iptables rules owned by kube-proxy",
+            ["table", "ip_family"],
+            namespace=ns,
+            registry=r,
+        )
+        self.iptables_rules_last = Gauge(
+            "sync_proxy_rules_iptables_last",
+            "Number of iptables rules written by kube-proxy in last sync",
+            ["table", "ip_family"],
+            namespace=ns,
+            registry=r,
+        )
+        self.conntrack_deleted = Counter(
+            "conntrack_reconciler_deleted_entries_total",
+            "Cumulative conntrack flows deleted by conntrack reconciler",
+            ["ip_family"],
+            namespace=ns,
+            registry=r,
+        )
+        self.conntrack_duration = Histogram(
+            "conntrack_reconciler_sync_duration_seconds",
+            "ReconcileConntrackFlowsLatency latency in seconds",
+            ["ip_family"],
+            namespace=ns,
+            buckets=SYNC_BUCKETS,
+            registry=r,
+        )
+        self.objects = Gauge(
+            "kproxy_sync_proxy_rules_objects",
+            "Kernel objects kproxy holds after the last successful sync, by kind "
+            "(nftables mode: chain, rule, element; IPVS mode: virtual_server, real_server)",
+            ["kind", "ip_family"],
+            registry=r,
+        )
+        self.phase_duration = Histogram(
+            "kproxy_sync_proxy_rules_phase_duration_seconds",
+            "Time one sync spent per phase, summed over IP families: render (desired state), "
+            "plan (read back and diff), apply (kernel writes)",
+            ["phase"],
+            buckets=SYNC_BUCKETS,
+            registry=r,
+        )
+        self.syncs = Counter(
+            "kproxy_syncs_total",
+            "Syncs by kind (full, partial) and result (ok, failed)",
+            ["kind", "result"],
+            registry=r,
+        )
+        for kind in ("full", "partial"):
+            for outcome in ("ok", "failed"):
+                self.syncs.labels(kind, outcome).inc(0)
         # Upstream pre-creates both label values; a dashboard then sees zeros, not gaps.
         for policy in ("internal", "external"):
             self.no_local_endpoints.labels(policy).set(0)

@@ -33,12 +33,16 @@ class SyncOutcome(Protocol):
     services: int
     endpoints: int
     render_seconds: float
+    plan_seconds: float
     apply_seconds: float
     no_local_internal: int
     no_local_external: int
     repairs: tuple[Repair, ...]
     payload: str  # what a dry run would write, in the mode's own text form
     conntrack_deleted: int  # stale UDP flows deleted after the sync (kproxy sync fills it in)
+    iptables_rules: dict[str, int]  # rules in our chains per table after the sync (iptables mode)
+    iptables_rules_written: dict[str, int]  # of those, the ones this sync wrote
+    objects: dict[str, int]  # the mode's own kernel objects after the sync, by kind
 
     def log_fields(self) -> dict[str, int]: ...
 

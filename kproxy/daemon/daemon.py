@@ -52,7 +52,10 @@ programs one proxier per IP family of the kernel: an `IptablesProxier`, or in th
   rule as `kproxy sync`, in both modes); a cleanup that failed is logged and retried after the
   next sync.
 - **One log line per sync**: ``sync_complete`` with kind (full/partial), services, endpoints,
-  changed, render_ms, apply_ms (or ``sync_failed``).
+  changed, render_ms, plan_ms, apply_ms (or ``sync_failed``). The same figures, for the last 20
+  syncs, answer ``/debug/sync`` on the healthz server (kproxy/daemon/debug.py); the metrics add
+  the phase durations, what each family holds (rules per table, the mode's objects) and the
+  conntrack cleanup's duration and deletions.
 
 Why one module of ~680 lines: the daemon's guarantees (first list before any sync, full and verifying
 syncs, drift, the canary, failures, mode switches) are one state machine over one lock and one
@@ -83,6 +86,7 @@ from kproxy.backends.iptables import (
 from kproxy.backends.protocols import ConntrackBackend, IptablesBackend
 from kproxy.config import RunConfig
 from kproxy.conntrack import clean_stale_udp
+from kproxy.daemon.debug import Phases, SyncLog, SyncRecord
 from kproxy.daemon.health import ProxyHealth, ServiceHealthServers, serve_health
 from kproxy.errors import BackendError, KproxyError
 from kproxy.families import kernel_families
@@ -259,6 +263,7 @@ class Daemon:
         self._reflectors: list[Any] = []
         self._servers: list[HTTPServer] = []
         self.syncs = 0
+        self.sync_log = SyncLog()
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -336,7 +341,11 @@ class Daemon:
 
     def _start_servers(self) -> None:
         servers: list[tuple[str, str, Callable[[str], HTTPServer]]] = [
-            ("healthz", self.cfg.healthz_bind_address, lambda a: serve_health(self.health, a)),
+            (
+                "healthz",
+                self.cfg.healthz_bind_address,
+                lambda a: serve_health(self.health, a, {"/debug/sync": self.sync_log.response}),
+            ),
             ("metrics", self.cfg.metrics_bind_address, lambda a: serve_metrics(self.metrics, a, self.cfg.proxy.mode)),
         ]
         for what, address, start in servers:
@@ -442,6 +451,7 @@ class Daemon:
     def sync(self) -> bool:
         """One sync of every family; False when it must be retried (as a full sync)."""
         started = time.perf_counter()
+        started_wall = self._wall()
         snap = self.trackers.checkout()
         self._conntrack_pending = self._conntrack_pending or snap.udp_changed
         self._pending_triggers.extend(t for times in snap.trigger_times.values() for t in times)
@@ -462,7 +472,7 @@ class Daemon:
                     plane.canary_create(plane.iptables)
                     plane.listing.expect_intact = True
         except BackendError as e:
-            return self._failed(e, full, started, len(snap.changed))
+            return self._failed(e, full, reason, started, started_wall, len(snap.changed))
         self._need_full = False
         if not self._first_done:
             self._first_done = True
@@ -474,7 +484,7 @@ class Daemon:
         self.runner.run_by(self._next_verify)
         self._after_sync(snap, views, contexts)
         self._report_repairs(results)
-        self._observe(results, snap, started, full, reason)
+        self._observe(results, snap, started, started_wall, full, reason)
         self._follow_up_if_tampered(full)
         return True
 
@@ -541,22 +551,25 @@ class Daemon:
                 log.warning("canary_check_failed", family=int(plane.family), error=str(e))
         return False
 
-    def _failed(self, error: BackendError, full: bool, started: float, changed: int) -> bool:
+    def _failed(
+        self, error: BackendError, full: bool, reason: str, started: float, started_wall: float, changed: int
+    ) -> bool:
         self._need_full = True
-        self.metrics.restore_failures.inc()
-        if not full:
-            self.metrics.partial_restore_failures.inc()
+        if self._iptables_canary:
+            self.metrics.restore_failures.inc()
+            if not full:
+                self.metrics.partial_restore_failures.inc()
+        else:  # a mode that writes no iptables has upstream's nftables counter instead
+            self.metrics.nftables_sync_failures.inc()
+        kind = "full" if full else "partial"
+        self.metrics.syncs.labels(kind, "failed").inc()
         for family in self.planes:
             # Not converged: /healthz turns 503 if the retries do not succeed within the timeout.
             self.health.queued(family)
         self.syncs += 1
-        log.error(
-            "sync_failed",
-            kind="full" if full else "partial",
-            changed=changed,
-            error=str(error),
-            duration_ms=round((time.perf_counter() - started) * 1000, 1),
-        )
+        elapsed = time.perf_counter() - started
+        self.sync_log.add(SyncRecord(kind, reason or None, started_wall, elapsed, changed, error=str(error)))
+        log.error("sync_failed", kind=kind, changed=changed, error=str(error), duration_ms=round(elapsed * 1000, 1))
         return False
 
     def _after_sync(
@@ -581,8 +594,11 @@ class Daemon:
         for family, plane in self.planes.items():
             if plane.conntrack is None:
                 continue
+            started = time.perf_counter()
             try:
                 deleted = clean_stale_udp(plane.conntrack, views[family], contexts[family])
+                self.metrics.conntrack_duration.labels(family.label).observe(time.perf_counter() - started)
+                self.metrics.conntrack_deleted.labels(family.label).inc(deleted)
                 if deleted:
                     log.info("conntrack_cleaned", family=int(family), deleted=deleted)
             except BackendError as e:
@@ -590,10 +606,41 @@ class Daemon:
                 log.warning("conntrack_cleanup_failed", family=int(family), error=str(e))
         return ok
 
-    def _observe(self, results: list[SyncOutcome], snap: Checkout, started: float, full: bool, reason: str) -> None:
+    def _observe(
+        self, results: list[SyncOutcome], snap: Checkout, started: float, started_wall: float, full: bool, reason: str
+    ) -> None:
         elapsed = time.perf_counter() - started
         kind_full = full or any(r.full for r in results)
+        kind = "full" if kind_full else "partial"
         m = self.metrics
+        m.syncs.labels(kind, "ok").inc()
+        phases = Phases(*(sum(getattr(r, f"{p}_seconds") for r in results) for p in ("render", "plan", "apply")))
+        m.phase_duration.labels("render").observe(phases.render)
+        m.phase_duration.labels("plan").observe(phases.plan)
+        m.phase_duration.labels("apply").observe(phases.apply)
+        for family, result in zip(self.planes, results, strict=True):
+            for table, rules in result.iptables_rules.items():
+                m.iptables_rules.labels(table, family.label).set(rules)
+            for table, rules in result.iptables_rules_written.items():
+                m.iptables_rules_last.labels(table, family.label).set(rules)
+            for what, count in result.objects.items():
+                m.objects.labels(what, family.label).set(count)
+        written = _summed(r.log_fields() for r in results)
+        service_ports = sum(r.services for r in results)
+        endpoints = sum(r.endpoints for r in results)
+        self.sync_log.add(
+            SyncRecord(
+                kind,
+                reason or None,
+                started_wall,
+                elapsed,
+                len(snap.changed),
+                phases,
+                service_ports,
+                endpoints,
+                written,
+            )
+        )
         m.sync_duration.observe(elapsed)
         (m.sync_full_duration if kind_full else m.sync_partial_duration).observe(elapsed)
         now = self._wall()
@@ -608,15 +655,16 @@ class Daemon:
         self.syncs += 1
         log.info(
             "sync_complete",
-            kind="full" if kind_full else "partial",
+            kind=kind,
             reason=reason or None,
             services=len(snap.state.services),
-            service_ports=sum(r.services for r in results),
-            endpoints=sum(r.endpoints for r in results),
+            service_ports=service_ports,
+            endpoints=endpoints,
             changed=len(snap.changed),
-            **_summed(r.log_fields() for r in results),
-            render_ms=round(sum(r.render_seconds for r in results) * 1000, 1),
-            apply_ms=round(sum(r.apply_seconds for r in results) * 1000, 1),
+            **written,
+            render_ms=round(phases.render * 1000, 1),
+            plan_ms=round(phases.plan * 1000, 1),
+            apply_ms=round(phases.apply * 1000, 1),
             duration_ms=round(elapsed * 1000, 1),
         )
 

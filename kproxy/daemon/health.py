@@ -139,9 +139,12 @@ class ProxyHealth:
         return Response(code, JSON, json.dumps(body, separators=(",", ":")).encode())
 
 
-def serve_health(health: ProxyHealth, address: str) -> HTTPServer:
-    """Serve /healthz and /livez on `address`; OSError when it cannot be bound."""
-    return listen(address, {"/healthz": health.healthz, "/livez": health.livez})
+def serve_health(
+    health: ProxyHealth, address: str, debug: Mapping[str, Callable[[], Response]] | None = None
+) -> HTTPServer:
+    """Serve /healthz and /livez (and the `debug` routes, e.g. /debug/sync) on `address`;
+    OSError when it cannot be bound."""
+    return listen(address, {"/healthz": health.healthz, "/livez": health.livez, **(debug or {})})
 
 
 def service_health_body(key: ServiceKey, count: int, proxy_healthy: bool) -> bytes:

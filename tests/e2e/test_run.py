@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import pytest
@@ -180,6 +181,46 @@ def test_an_expired_watch_relists_and_stays_converged(env: Env) -> None:
         env.api.expire_history()
     converges_to(env, {"pod-1b"}, "the change found by the relist")
     assert len(env.api.requests("list", "endpointslices")) > lists
+    env.api.update("endpointslices", slice_for("pod-1a", "pod-1b"))
+    converges_to(env, BOTH, "both pods again")
+
+
+def _rules_in_our_chains(env: Env, table: str) -> int:
+    """Rules in kproxy's ruleset chains of `table` as iptables-save prints them (the daemon's
+    canary is not the ruleset's, and jumps from built-in chains are not in our chains)."""
+    saved = env.lab.run(env.node, [f"iptables-{env.variant()}-save", "-t", table]).stdout
+    return sum(1 for line in saved.splitlines() if line.startswith("-A KPROXY-") and "CANARY" not in line)
+
+
+def test_debug_sync_lists_the_partial_sync_and_metrics_count_the_rules(env: Env) -> None:
+    since = time.time()
+    env.api.update("endpointslices", slice_for("pod-1a"))
+    converges_to(env, {"pod-1a"}, "only pod-1a left")
+
+    def latest() -> dict[str, Any] | None:
+        code, body = env.get(10256, "/debug/sync")
+        assert code == 200
+        syncs: list[dict[str, Any]] = json.loads(body)["syncs"]
+        done = [s for s in syncs if datetime.fromisoformat(s["started"]).timestamp() >= since - 1]
+        return done[0] if done and done[0]["changed"] >= 1 else None
+
+    sync = wait_for(latest, timeout=CONVERGE, message="/debug/sync lists the sync of the endpoint change")
+    assert sync is not None
+    assert (sync["kind"], sync["result"], sync["error"]) == ("partial", "ok", None)
+    # pod-1b's endpoint chains (TCP and UDP) deleted, the two Service chains written again.
+    assert sync["written"]["deleted"] >= 2 and sync["written"]["written"] >= 2, sync["written"]
+    assert sum(sync["phases"].values()) <= sync["durationSeconds"]
+
+    def counted(table: str) -> bool:
+        gauge = env.metric("kubeproxy_sync_proxy_rules_iptables_total", table=table, ip_family="IPv4")
+        return gauge == _rules_in_our_chains(env, table)
+
+    for table in ("filter", "nat"):
+        wait_for(
+            partial(counted, table), timeout=CONVERGE, message=f"the {table} rule count gauge matches iptables-save"
+        )
+    assert (env.metric("kproxy_syncs_total", kind="partial", result="ok") or 0) >= 1
+    assert (env.metric("kproxy_sync_proxy_rules_phase_duration_seconds_count", phase="apply") or 0) >= 2
     env.api.update("endpointslices", slice_for("pod-1a", "pod-1b"))
     converges_to(env, BOTH, "both pods again")
 

@@ -286,6 +286,14 @@ def test_metrics_scraped_over_http_and_parsed(metrics: ProxyMetrics, servers: li
         "kubeproxy_proxy_livez": "counter",
         "kproxy_invalid_objects": "counter",
         "kproxy_rules_tampered": "counter",
+        "kubeproxy_sync_proxy_rules_nftables_sync_failures": "counter",
+        "kubeproxy_sync_proxy_rules_iptables_total": "gauge",
+        "kubeproxy_sync_proxy_rules_iptables_last": "gauge",
+        "kubeproxy_conntrack_reconciler_deleted_entries": "counter",
+        "kubeproxy_conntrack_reconciler_sync_duration_seconds": "histogram",
+        "kproxy_sync_proxy_rules_objects": "gauge",
+        "kproxy_sync_proxy_rules_phase_duration_seconds": "histogram",
+        "kproxy_syncs": "counter",
     }
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in fams.values() for s in f.samples}
     assert not any(name.endswith("_created") for name, _ in samples)  # as upstream: no _created series

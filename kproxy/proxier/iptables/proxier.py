@@ -115,6 +115,7 @@ class IptablesProxier:
         restore = ipt.plan(
             desired, applied, existing, jumps, saved_jump_rules=saved.jump_rules if saved is not None else None
         )
+        t_planned = time.perf_counter()
         result = SyncResult(
             family=int(ctx.family),
             full=full,
@@ -123,10 +124,14 @@ class IptablesProxier:
             written=restore.written,
             deleted=restore.deleted,
             render_seconds=t1 - t_listed,
+            # Reading the listing back is part of working out what to write.
+            plan_seconds=(t_planned - t1) + (t_listed - t0),
             no_local_internal=sum(1 for r in desired.services.values() if r.no_local_internal),
             no_local_external=sum(1 for r in desired.services.values() if r.no_local_external),
             payload=restore.text,
             repairs=repairs,
+            iptables_rules=desired.rule_count,
+            iptables_rules_written=restore.rules_written,
         )
         if dry_run:
             return result
@@ -139,5 +144,5 @@ class IptablesProxier:
             self.force_full()
             raise
         self._last = ipt.compacted(desired)
-        result.apply_seconds = time.perf_counter() - t1 + (t_listed - t0)
+        result.apply_seconds = time.perf_counter() - t_planned
         return result

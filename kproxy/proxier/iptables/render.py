@@ -507,6 +507,8 @@ class RestorePlan:
     text: str
     written: dict[str, int]
     deleted: dict[str, int]
+    # Rules in the chains written, per table (upstream's kubeproxy_sync_proxy_rules_iptables_last).
+    rules_written: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return self.text
@@ -584,6 +586,7 @@ def plan(
         text=text,
         written={t: len(c) for t, c in write.items()},
         deleted={t: len(c) for t, c in delete.items()},
+        rules_written={t: sum(rule_count(desired.tables[t][c]) for c in chains) for t, chains in write.items()},
     )
 
 

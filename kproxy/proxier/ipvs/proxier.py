@@ -207,7 +207,8 @@ class IpvsProxier:
             if isinstance(e, ValueError):
                 raise BackendError(str(e)) from e
             raise
-        result.apply_seconds = time.perf_counter() - t1
+        result.apply_seconds = time.perf_counter() - t1 - result.plan_seconds
+        result.objects = {"virtual_server": result.virtual_servers, "real_server": result.real_servers}
         return result
 
     def _read_ipvs(self, desired: pv.IpvsState, full: bool) -> dict[pv.VSKey, pvp.KernelService]:
@@ -230,6 +231,7 @@ class IpvsProxier:
         return [k for k in keys if not (excl and pvp.in_cidrs(k[1], excl))]
 
     def _apply(self, desired: pv.IpvsState, bound: set[str], full: bool, verify: bool, result: IpvsSyncResult) -> None:
+        t0 = time.perf_counter()
         self.setup()
         current = self._read_ipvs(desired, full)
         plan = pvp.ipvs_plan(desired.virtual_servers, current, self._owned(list(current)))
@@ -260,6 +262,8 @@ class IpvsProxier:
                 rewrite, found = ipt.drift(applied, saved.chains, saved.rule_counts, last_jumps, present)
                 applied, repairs = ipt.without(applied, rewrite), repairs + found
             restore = pv.iptables_plan(desired.iptables, applied, saved.chains, saved.jump_rules)
+        # Everything above read the kernel back and worked out the difference; below writes it.
+        result.plan_seconds = time.perf_counter() - t0
 
         self.ipset.restore(set_plan.text)
         self.device.ensure()

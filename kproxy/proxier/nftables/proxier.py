@@ -64,6 +64,7 @@ class NftablesProxier:
         # our table's handle once seen intact (a full sync makes a new table).
         self._quiet_generation: int | None = None
         self._handle: int | None = None
+        self._elements = 0  # map and set elements the committed transactions left
 
     def force_full(self) -> None:
         self._last = None
@@ -102,18 +103,21 @@ class NftablesProxier:
             repairs = self.check_drift(nft.nft_family(ctx.family))
             if repairs:
                 self.force_full()
+        t_checked = time.perf_counter()
         full = full or self._applied is None
         previous = None if full else self._last
         desired = nft.render(view.ports, view.endpoints, ctx, previous=previous, changed=None if full else changed)
         t1 = time.perf_counter()
         applied = None if full else self._applied
         script = nftplan.plan(desired, applied, None if full else changed)
+        t_planned = time.perf_counter()
         result = SyncResult(
             family=int(ctx.family),
             full=script.full,
             services=len(view.ports),
             endpoints=sum(len(e) for e in view.endpoints.values()),
-            render_seconds=t1 - t0,
+            render_seconds=t1 - t_checked,
+            plan_seconds=(t_planned - t1) + (t_checked - t0),  # the drift check reads, to plan
             no_local_internal=desired.no_local_internal,
             no_local_external=desired.no_local_external,
             payload=script.text,
@@ -139,5 +143,8 @@ class NftablesProxier:
             raise
         self._applied = nftplan.committed(desired, applied, script)
         self._last = desired
-        result.apply_seconds = time.perf_counter() - t1
+        result.apply_seconds = time.perf_counter() - t_planned
+        # Held elements follow from what each commit added and deleted (a full one adds them all).
+        self._elements = script.elements_added + (0 if script.full else self._elements - script.elements_deleted)
+        result.objects = {"chain": desired.chain_count, "rule": desired.rule_count, "element": self._elements}
         return result

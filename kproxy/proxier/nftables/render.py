@@ -127,6 +127,18 @@ class Ruleset:
     # Service ports with endpoints elsewhere but none here for internal / external traffic.
     no_local_internal: int = 0
     no_local_external: int = 0
+    # Chains and rules of the Service ports' own chains.
+    own_chains: int = 0
+    own_rules: int = 0
+
+    @property
+    def chain_count(self) -> int:
+        return len(self.chains) + len(self.shared_chains) + self.own_chains
+
+    @property
+    def rule_count(self) -> int:
+        fixed = sum(len(c.rules) for c in (*self.chains, *self.shared_chains))
+        return fixed + self.own_rules
 
     @property
     def nft_family(self) -> str:
@@ -234,6 +246,8 @@ def render(
         dict(tally.uses),
         tally.no_local_internal,
         tally.no_local_external,
+        tally.own_chains,
+        tally.own_rules,
     )
 
 
@@ -244,6 +258,8 @@ class _Tally:
         self.uses: Counter[str] = Counter(previous.uses if previous is not None else {})
         self.no_local_internal = previous.no_local_internal if previous is not None else 0
         self.no_local_external = previous.no_local_external if previous is not None else 0
+        self.own_chains = previous.own_chains if previous is not None else 0
+        self.own_rules = previous.own_rules if previous is not None else 0
 
     def add(self, objs: ServiceObjects, sign: int = 1) -> None:
         for chain in objs.shared:
@@ -252,6 +268,8 @@ class _Tally:
                 del self.uses[chain]
         self.no_local_internal += sign * objs.no_local_internal
         self.no_local_external += sign * objs.no_local_external
+        self.own_chains += sign * len(objs.chains)
+        self.own_rules += sign * sum(len(c.rules) for c in objs.chains)
 
     def drop(self, objs: ServiceObjects) -> None:
         self.add(objs, -1)
