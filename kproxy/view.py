@@ -30,6 +30,9 @@ class Repair:
 class FamilyView:
     ports: dict[ServicePortName, ServicePort]
     endpoints: dict[ServicePortName, tuple[Endpoint, ...]]
+    # The Service ports (before and after) of the Services changed since the previous view of
+    # the same IncrementalView; None when not known (a whole view): compare them all.
+    changed: frozenset[ServicePortName] | None = None
 
 
 def family_view(state: ClusterState, family: IPFamily) -> FamilyView:

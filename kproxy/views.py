@@ -32,14 +32,19 @@ class IncrementalView:
         changed: Iterable[ServiceKey],
         slices_by_service: Mapping[ServiceKey, Iterable[SliceKey]],
     ) -> FamilyView:
-        """The view after `changed` Services (or their slices) changed; everything on first use."""
+        """The view after `changed` Services (or their slices) changed; everything on first use.
+        Its `changed` names their Service ports, those they had and those they have."""
         keys = set(changed)
-        if not self._ready:
+        first = not self._ready
+        if first:
             keys = set(state.services) | set(slices_by_service) | set(self._names)
             self._ready = True
+        ports: set[ServicePortName] = set()
         for key in keys:
+            ports.update(self._names.get(key, ()))
             self._recompute(state, key, slices_by_service.get(key, ()))
-        return FamilyView(self._ports, self._endpoints)
+            ports.update(self._names.get(key, ()))
+        return FamilyView(self._ports, self._endpoints, None if first else frozenset(ports))
 
     def reset(self) -> None:
         """Forget everything: the next `update` recomputes the whole view."""

@@ -90,10 +90,11 @@ from kproxy.daemon.debug import Phases, SyncLog, SyncRecord
 from kproxy.daemon.health import ProxyHealth, ServiceHealthServers, serve_health
 from kproxy.errors import BackendError, KproxyError
 from kproxy.families import kernel_families
+from kproxy.heap import keep_long_lived
 from kproxy.httpd import HTTPServer
 from kproxy.metrics import ProxyMetrics
 from kproxy.metrics import serve as serve_metrics
-from kproxy.model import IPFamily, Node
+from kproxy.model import IPFamily, Node, ServicePortName
 from kproxy.modes import Proxier, SyncOutcome
 from kproxy.node import NodeContext
 from kproxy.proxier.loop import sync_families
@@ -231,6 +232,8 @@ class Daemon:
         p = cfg.proxy
         self.health = ProxyHealth(2 * p.sync_period, clock=wall_clock, metrics=self.metrics)
         self.hc_servers = ServiceHealthServers(self.health, p.node_name)
+        # Service -> (healthCheckNodePort, its port names), kept by _note_health_checked.
+        self._health_checked: dict[tuple[str, str], tuple[int, tuple[ServicePortName, ...]]] = {}
         self.trackers = ChangeTrackers(
             p.node_name, self.metrics, service_proxy_name=p.service_proxy_name, wall_clock=wall_clock
         )
@@ -479,10 +482,11 @@ class Daemon:
             self._leave_other_mode()
         if full:
             self._next_periodic_full = self._clock.now() + self.cfg.proxy.sync_period
+            keep_long_lived()
         if verify:
             self._next_verify = now + self.cfg.proxy.sync_period
         self.runner.run_by(self._next_verify)
-        self._after_sync(snap, views, contexts)
+        self._after_sync(snap, views, contexts, full)
         self._report_repairs(results)
         self._observe(results, snap, started, started_wall, full, reason)
         self._follow_up_if_tampered(full)
@@ -573,21 +577,35 @@ class Daemon:
         return False
 
     def _after_sync(
-        self, snap: Checkout, views: Mapping[IPFamily, FamilyView], contexts: Mapping[IPFamily, NodeContext]
+        self,
+        snap: Checkout,
+        views: Mapping[IPFamily, FamilyView],
+        contexts: Mapping[IPFamily, NodeContext],
+        full: bool,
     ) -> None:
         if self._conntrack_pending:
             self._conntrack_pending = not self._clean_conntrack(views, contexts)
-        wanted = {
-            svc.key: sp.health_check_node_port
-            for svc in snap.state.services.values()
-            for sp in svc.ports
-            if sp.health_check_node_port
-        }
+        self._note_health_checked(snap, full)
+        wanted = {key: port for key, (port, _) in self._health_checked.items()}
         addresses: tuple[str, ...] = ()
         if self.cfg.proxy.nodeport_addresses:
             addresses = tuple(sorted({ip for c in contexts.values() for ip in (c.nodeport_ips or ())}))
         self.hc_servers.sync_services(wanted, addresses)
-        self.hc_servers.sync_endpoints(local_ready_endpoints(views.values(), wanted, self.cfg.proxy.node_name))
+        ports = {key: names for key, (_, names) in self._health_checked.items()}
+        self.hc_servers.sync_endpoints(local_ready_endpoints(views.values(), ports, self.cfg.proxy.node_name))
+
+    def _note_health_checked(self, snap: Checkout, full: bool) -> None:
+        """The Services with a healthCheckNodePort, kept up to date from the changed ones (a full
+        sync looks at all): walking every Service after each sync would cost what changed not."""
+        if full:
+            self._health_checked.clear()
+        for key in snap.state.services if full else snap.changed:
+            svc = snap.state.services.get(key)
+            port = max((sp.health_check_node_port for sp in svc.ports), default=0) if svc is not None else 0
+            if port and svc is not None:
+                self._health_checked[key] = (port, tuple(sp.name for sp in svc.ports))
+            else:
+                self._health_checked.pop(key, None)
 
     def _clean_conntrack(self, views: Mapping[IPFamily, FamilyView], contexts: Mapping[IPFamily, NodeContext]) -> bool:
         ok = True
@@ -689,20 +707,19 @@ def _file_stamp(path: str) -> tuple[int, int, int, int] | None:
 
 
 def local_ready_endpoints(
-    views: Any, services: Mapping[tuple[str, str], int], node_name: str
+    views: Any, services: Mapping[tuple[str, str], Iterable[ServicePortName]], node_name: str
 ) -> dict[tuple[str, str], int]:
-    """Ready, non-terminating endpoints on this node per Service, counted by IP (upstream's
-    LocalReadyEndpoints: one pod serving two ports is one endpoint). Per family, the larger."""
+    """Ready, non-terminating endpoints on this node per Service (given with its ports), counted
+    by IP (upstream's LocalReadyEndpoints: one pod serving two ports is one endpoint). Per
+    family, the larger."""
     counts: dict[tuple[str, str], int] = {}
     for view in views:
         ips: dict[tuple[str, str], set[str]] = {}
-        for name, eps in view.endpoints.items():
-            key = name.service_key
-            if key not in services:
-                continue
-            for ep in eps:
-                if ep.ready and not ep.terminating and ep.node_name == node_name:
-                    ips.setdefault(key, set()).add(ep.ip)
+        for key, names in services.items():
+            for name in names:
+                for ep in view.endpoints.get(name, ()):
+                    if ep.ready and not ep.terminating and ep.node_name == node_name:
+                        ips.setdefault(key, set()).add(ep.ip)
         for key, found in ips.items():
             counts[key] = max(counts.get(key, 0), len(found))
     return counts

@@ -241,7 +241,7 @@ def test_local_ready_endpoints_count_ips_of_ready_local_endpoints() -> None:
         },
     )
     v6 = FamilyView(ports={}, endpoints={a: (_ep("fd00:10:1::10", "node-1"),)})
-    counts = local_ready_endpoints([v4, v6], {("ns", "lb"): 30000}, "node-1")
+    counts = local_ready_endpoints([v4, v6], {("ns", "lb"): (a, b)}, "node-1")
     # 10.0.1.10 serves two ports: one endpoint; the terminating and the remote one do not count.
     assert counts == {("ns", "lb"): 2}
 

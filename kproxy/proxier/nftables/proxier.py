@@ -106,6 +106,10 @@ class NftablesProxier:
         t_checked = time.perf_counter()
         full = full or self._applied is None
         previous = None if full else self._last
+        if changed is None:
+            changed = view.changed
+        if previous is None or previous.ctx != ctx:
+            changed = None  # another node context re-renders every Service port: plan them all
         desired = nft.render(view.ports, view.endpoints, ctx, previous=previous, changed=None if full else changed)
         t1 = time.perf_counter()
         applied = None if full else self._applied

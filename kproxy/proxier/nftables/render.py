@@ -48,6 +48,7 @@ from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
+from kproxy.heap import gc_paused
 from kproxy.model import Endpoint, IPFamily, ServicePort, ServicePortName
 from kproxy.node import LocalDetector, NodeContext
 from kproxy.proxier.nftables import names
@@ -215,22 +216,23 @@ def render(
         todo = list(ports)
     prev_inputs = previous.inputs if previous is not None and reuse else {}
     prev_objs = previous.services if previous is not None and reuse else {}
-    for name in todo:
-        svc = ports.get(name)
-        old_objs = services.pop(name, None)
-        inputs.pop(name, None)
-        if old_objs is not None:
-            tally.drop(old_objs)
-        if svc is None:
-            continue
-        eps = endpoints.get(name, ())
-        old = prev_inputs.get(name)
-        if old is not None and (old[0] is svc or old[0] == svc) and old[1] == eps:
-            objs, inputs[name] = prev_objs[name], old
-        else:
-            objs, inputs[name] = render_service(svc, eps, ctx), (svc, eps)
-        services[name] = objs
-        tally.add(objs)
+    with gc_paused():  # hundreds of thousands of acyclic objects on a full render
+        for name in todo:
+            svc = ports.get(name)
+            old_objs = services.pop(name, None)
+            inputs.pop(name, None)
+            if old_objs is not None:
+                tally.drop(old_objs)
+            if svc is None:
+                continue
+            eps = endpoints.get(name, ())
+            old = prev_inputs.get(name)
+            if old is not None and (old[0] is svc or old[0] == svc) and old[1] == eps:
+                objs, inputs[name] = prev_objs[name], old
+            else:
+                objs, inputs[name] = render_service(svc, eps, ctx), (svc, eps)
+            services[name] = objs
+            tally.add(objs)
     chains, containers, elements = fixed(ctx)
     shared_chains, shared_sets = shared_objects(tally.uses, ctx)
     return Ruleset(
