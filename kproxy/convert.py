@@ -28,6 +28,7 @@ from kproxy.model import (
     ServiceType,
     SliceEndpoint,
     SlicePort,
+    TrafficDistribution,
     family_of,
 )
 
@@ -114,10 +115,31 @@ def _shared(text: Any) -> Any:
 
 
 def _hint_names(hints: Any, key: str) -> frozenset[str]:
+    """The names of `hints.forZones` or `hints.forNodes`. An entry without a name (the API
+    server would refuse it) is skipped, not kept as "": an endpoint left with no hint of that
+    kind makes `topology.categorize` ignore that kind for the whole Service, the safe way."""
     found = _list(hints, key) if isinstance(hints, Mapping) else []
     if not found:
-        return NO_NAMES
-    return frozenset(_shared(h.get("name", "")) for h in found if isinstance(h, Mapping))
+        return NO_NAMES  # nearly every endpoint: no lists built
+    names = [h.get("name") for h in found if isinstance(h, Mapping)]
+    kept = [n for n in names if isinstance(n, str) and n]
+    return frozenset(_shared(n) for n in kept) if kept else NO_NAMES
+
+
+# spec.trafficDistribution values; anything else is ignored, as the EndpointSlice controller
+# ignores a value it does not know (a newer API server may accept values this proxy predates).
+_TRAFFIC_DISTRIBUTIONS = {
+    "PreferClose": TrafficDistribution.PREFER_SAME_ZONE,  # the older name (KEP-3015)
+    "PreferSameZone": TrafficDistribution.PREFER_SAME_ZONE,
+    "PreferSameNode": TrafficDistribution.PREFER_SAME_NODE,
+}
+
+
+def _traffic_distribution(spec: Obj) -> TrafficDistribution:
+    value = spec.get("trafficDistribution")
+    if not isinstance(value, str):
+        return TrafficDistribution.DEFAULT
+    return _TRAFFIC_DISTRIBUTIONS.get(value, TrafficDistribution.DEFAULT)
 
 
 def _list(obj: Obj, key: str) -> list[Any]:
@@ -154,6 +176,7 @@ def convert_service(obj: Obj, *, service_proxy_name: str = "") -> Service | None
     externally_accessible = svc_type in (ServiceType.NODE_PORT, ServiceType.LOAD_BALANCER) or bool(external_ips)
     etp_local = externally_accessible and _policy(spec, "externalTrafficPolicy", ref)
     itp_local = _policy(spec, "internalTrafficPolicy", ref)
+    distribution = _traffic_distribution(spec)
     hc_port = 0
     if svc_type is ServiceType.LOAD_BALANCER and etp_local:
         hc_port = _port(spec.get("healthCheckNodePort"), ref, "spec.healthCheckNodePort", allow_zero=True)
@@ -196,6 +219,7 @@ def convert_service(obj: Obj, *, service_proxy_name: str = "") -> Service | None
                 internal_policy_local=itp_local,
                 health_check_node_port=hc_port,
                 externally_accessible=externally_accessible,
+                traffic_distribution=distribution,
             )
         )
     return Service(namespace=namespace, name=name, type=svc_type, ports=tuple(ports))

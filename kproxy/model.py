@@ -52,6 +52,20 @@ class ServiceType(str, enum.Enum):
     EXTERNAL_NAME = "ExternalName"
 
 
+class TrafficDistribution(str, enum.Enum):
+    """`spec.trafficDistribution` as kproxy keeps it.
+
+    The proxy never filters by it: the EndpointSlice controller turns it into hints (zone hints
+    for PreferSameZone; node and zone hints for PreferSameNode) and the hints are what
+    `topology.categorize` honours, as upstream's kube-proxy. It is kept to be shown beside the
+    hints. `PreferClose` is the older name of PreferSameZone (KEP-3015) and becomes it here.
+    """
+
+    DEFAULT = ""
+    PREFER_SAME_ZONE = "PreferSameZone"
+    PREFER_SAME_NODE = "PreferSameNode"
+
+
 # An empty frozenset is 216 bytes and, since Python 3.10, not a singleton: endpoints without
 # hints (nearly all) share this one, which saved 43 MB at 100,000 endpoints.
 NO_NAMES: frozenset[str] = frozenset()
@@ -93,6 +107,7 @@ class ServicePort:
     health_check_node_port: int = 0
     # NodePort, LoadBalancer, or externalIPs: reachable from outside, so eTP applies.
     externally_accessible: bool = False
+    traffic_distribution: TrafficDistribution = TrafficDistribution.DEFAULT
 
     @property
     def protocol(self) -> Protocol:
@@ -116,6 +131,7 @@ class ServicePort:
             internal_policy_local=self.internal_policy_local,
             health_check_node_port=self.health_check_node_port,
             externally_accessible=self.externally_accessible,
+            traffic_distribution=self.traffic_distribution,
         )
 
     @property

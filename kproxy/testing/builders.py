@@ -75,7 +75,9 @@ def endpoint(
     ready: bool = True,
     serving: bool | None = None,
     terminating: bool | None = None,
+    zone: str | None = None,
     zone_hints: list[str] | None = None,
+    node_hints: list[str] | None = None,
 ) -> dict[str, Any]:
     cond: dict[str, Any] = {"ready": ready}
     if serving is not None:
@@ -83,9 +85,26 @@ def endpoint(
     if terminating is not None:
         cond["terminating"] = terminating
     ep: dict[str, Any] = {"addresses": [ip], "conditions": cond, "nodeName": node}
+    if zone is not None:
+        ep["zone"] = zone
+    hints: dict[str, Any] = {}
     if zone_hints is not None:
-        ep["hints"] = {"forZones": [{"name": z} for z in zone_hints]}
+        hints["forZones"] = [{"name": z} for z in zone_hints]
+    if node_hints is not None:
+        hints["forNodes"] = [{"name": n} for n in node_hints]
+    if hints:
+        ep["hints"] = hints
     return ep
+
+
+def hinted(ep: dict[str, Any], distribution: str, zone: str) -> dict[str, Any]:
+    """`ep` in zone `zone` with the hints the EndpointSlice controller writes for a Service's
+    trafficDistribution (v1.35): a zone hint for PreferSameZone or PreferClose, a node and a
+    zone hint for PreferSameNode."""
+    hints: dict[str, Any] = {"forZones": [{"name": zone}]}
+    if distribution == "PreferSameNode":
+        hints["forNodes"] = [{"name": ep["nodeName"]}]
+    return {**ep, "zone": zone, "hints": hints}
 
 
 def endpoint_slice(

@@ -13,9 +13,10 @@ from typing import Any
 
 from kproxy.config import ProxyConfig
 from kproxy.proxier.iptables.trace import DROP, REJECT, UNTOUCHED
-from kproxy.testing.builders import endpoint, endpoint_slice, node, service
+from kproxy.testing.builders import endpoint, endpoint_slice, hinted, node, service
 
 LOCAL_POD, LOCAL_POD2, REMOTE_POD = "10.0.1.10", "10.0.1.11", "10.0.2.10"
+FAR_POD = "10.0.3.10"  # on node-3, in another zone
 OTHER_POD = "10.0.1.20"
 NODE_IP = "192.168.0.2"
 OUTSIDE, OUTSIDE_FAR = "203.0.113.10", "203.0.113.200"
@@ -24,10 +25,18 @@ BOTH = {f"{LOCAL_POD}:80", f"{REMOTE_POD}:80"}
 LOCAL_ONLY = {f"{LOCAL_POD}:80"}
 REMOTE_ONLY = {f"{REMOTE_POD}:80"}
 BASE_CFG = ProxyConfig(node_name="node-1", cluster_cidrs=("10.0.0.0/8",))
+ZONE_A = node(labels={"topology.kubernetes.io/zone": "zone-a"})  # node-1, in zone-a
 
 
 def both_endpoints() -> list[dict[str, Any]]:
     return [endpoint(LOCAL_POD, "node-1"), endpoint(REMOTE_POD, "node-2")]
+
+
+def spread(distribution: str, *, unhinted: str = "") -> list[dict[str, Any]]:
+    """node-1's and node-2's pods in zone-a, node-3's in zone-b, hinted as the EndpointSlice
+    controller hints them for `distribution`, except the pod at `unhinted`."""
+    eps = [(LOCAL_POD, "node-1", "zone-a"), (REMOTE_POD, "node-2", "zone-a"), (FAR_POD, "node-3", "zone-b")]
+    return [endpoint(ip, n) if ip == unhinted else hinted(endpoint(ip, n), distribution, z) for ip, n, z in eps]
 
 
 @dataclass
@@ -222,6 +231,58 @@ SCENARIOS = [
         [
             Flow("pod dropped", OTHER_POD, "172.30.0.41", 80, DROP),
             Flow("node dropped", NODE_IP, "172.30.0.41", 80, DROP),
+        ],
+    ),
+    Scenario(
+        "prefer same node",
+        [ZONE_A, service(trafficDistribution="PreferSameNode"), endpoint_slice(endpoints=spread("PreferSameNode"))],
+        [
+            Flow("pod gets this node's endpoint", OTHER_POD, "172.30.0.41", 80, LOCAL_ONLY, masq=False),
+            Flow("node gets this node's endpoint", NODE_IP, "172.30.0.41", 80, LOCAL_ONLY, masq=True),
+            Flow("outside gets this node's endpoint", OUTSIDE, "172.30.0.41", 80, LOCAL_ONLY, masq=True),
+        ],
+    ),
+    Scenario(
+        "prefer same node, one endpoint without hints",
+        [
+            ZONE_A,
+            service(trafficDistribution="PreferSameNode"),
+            endpoint_slice(endpoints=spread("PreferSameNode", unhinted=FAR_POD)),
+        ],
+        [Flow("pod gets every endpoint", OTHER_POD, "172.30.0.41", 80, {*BOTH, f"{FAR_POD}:80"}, masq=False)],
+    ),
+    Scenario(
+        "prefer same node, none on this node: zone hints",
+        [
+            ZONE_A,
+            service(trafficDistribution="PreferSameNode"),
+            endpoint_slice(endpoints=spread("PreferSameNode")[1:]),
+        ],
+        [Flow("pod gets this zone's endpoint", OTHER_POD, "172.30.0.41", 80, REMOTE_ONLY, masq=False)],
+    ),
+    Scenario(
+        "prefer close is prefer same zone",
+        [ZONE_A, service(trafficDistribution="PreferClose"), endpoint_slice(endpoints=spread("PreferClose"))],
+        [Flow("pod gets this zone's endpoints", OTHER_POD, "172.30.0.41", 80, BOTH, masq=False)],
+    ),
+    Scenario(
+        "zone hints on a node without a zone label",
+        [service(trafficDistribution="PreferSameZone"), endpoint_slice(endpoints=spread("PreferSameZone")[1:])],
+        [Flow("pod gets every endpoint", OTHER_POD, "172.30.0.41", 80, {*REMOTE_ONLY, f"{FAR_POD}:80"}, masq=False)],
+    ),
+    Scenario(
+        "prefer same node with etp local and no local endpoint",
+        [
+            ZONE_A,
+            service(
+                type="LoadBalancer", node_port=30080, lb_ips=[LB_IP], etp="Local", trafficDistribution="PreferSameNode"
+            ),
+            endpoint_slice(endpoints=spread("PreferSameNode")[1:]),
+        ],
+        [
+            Flow("outside to LB dropped: hints never widen the local set", OUTSIDE, LB_IP, 80, DROP),
+            Flow("pod to cluster IP gets this zone's endpoint", OTHER_POD, "172.30.0.41", 80, REMOTE_ONLY, masq=False),
+            Flow("pod to LB is short-circuited to the hinted set", OTHER_POD, LB_IP, 80, REMOTE_ONLY, masq=False),
         ],
     ),
     Scenario(

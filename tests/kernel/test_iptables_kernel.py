@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from kproxy.lab.namespaces import Lab
-from kproxy.testing.builders import endpoint, endpoint_slice, node, service
+from kproxy.testing.builders import endpoint, endpoint_slice, hinted, node, service
 from kproxy.testing.netns import EchoServer, Outcome, ProbeResults, Sender, probe, probe_many
 
 KPROXY = str(Path(sys.executable).with_name("kproxy"))
@@ -76,6 +76,18 @@ def svc(*pods: str, name: str = "svc1", protocol: str = "TCP", **kw: Any) -> lis
     return [
         service(name=name, port=80, protocol=protocol, **kw),
         endpoint_slice(name, endpoints=eps(*pods), port=PORT, protocol=protocol),
+    ]
+
+
+def same_node_svc(*pods: str, unhinted: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """A PreferSameNode Service whose endpoints carry the hints the EndpointSlice controller
+    writes for it (a node and a zone hint each), except the pods in `unhinted`."""
+    hinted_eps = [
+        e if p in unhinted else hinted(e, "PreferSameNode", "zone-a") for p, e in zip(pods, eps(*pods), strict=True)
+    ]
+    return [
+        service(port=80, trafficDistribution="PreferSameNode"),
+        endpoint_slice(endpoints=hinted_eps, port=PORT),
     ]
 
 
@@ -257,6 +269,16 @@ def test_udp_client_moves_off_a_removed_endpoint(world: Lab, tmp_path: Path) -> 
         # pod-2a still runs: only the conntrack cleanup can move this flow.
         sync(world, tmp_path, svc("pod-1a", protocol="UDP"), *V4_NODE_CFG)
         assert sender.send().name == "pod-1a"
+
+
+def test_prefer_same_node_hints_then_one_endpoint_without_a_hint(world: Lab, tmp_path: Path) -> None:
+    sync(world, tmp_path, same_node_svc("pod-1a", "pod-2a", "pod-2b"), *V4_NODE_CFG)
+    for who in (world.pod("pod-1b"), world.node(1)):
+        assert answered_by(probe_many(who, CIP, 80, count=N)) == {"pod-1a"}, "only this node's endpoint"
+    # The EndpointSlice controller has not hinted pod-2b yet: node (and zone) hints are
+    # incomplete, so upstream ignores them and every ready endpoint serves again.
+    sync(world, tmp_path, same_node_svc("pod-1a", "pod-2a", "pod-2b", unhinted=("pod-2b",)), *V4_NODE_CFG)
+    assert answered_by(probe_many(world.pod("pod-1b"), CIP, 80, count=3 * N)) == {"pod-1a", "pod-2a", "pod-2b"}
 
 
 def test_a_refused_transaction_keeps_the_working_rules(world: Lab, tmp_path: Path) -> None:

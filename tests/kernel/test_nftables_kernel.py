@@ -203,6 +203,15 @@ def test_one_endpoint_change_writes_only_that_services_objects(world: Lab, tmp_p
     assert answered_by(probe_many(world.pod("pod-1b"), CIP, 80, count=N)) == {"pod-1a", "pod-2b"}
 
 
+def test_prefer_same_node_hints_then_one_endpoint_without_a_hint(world: Lab, tmp_path: Path) -> None:
+    # As the iptables mode's test: the same categorize decides, the nftables table carries it.
+    sync(world, tmp_path, ipt.same_node_svc("pod-1a", "pod-2a", "pod-2b"))
+    for who in (world.pod("pod-1b"), world.node(1)):
+        assert answered_by(probe_many(who, CIP, 80, count=N)) == {"pod-1a"}, "only this node's endpoint"
+    sync(world, tmp_path, ipt.same_node_svc("pod-1a", "pod-2a", "pod-2b", unhinted=("pod-2b",)))
+    assert answered_by(probe_many(world.pod("pod-1b"), CIP, 80, count=3 * N)) == {"pod-1a", "pod-2a", "pod-2b"}
+
+
 def test_a_table_deleted_by_hand_is_back_after_the_next_sync(world: Lab, tmp_path: Path) -> None:
     n1 = world.node(1).ns
     sync(world, tmp_path, svc("pod-1a"))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from kproxy.convert import convert_node, convert_service, convert_slice
+from kproxy.endpointslices import endpoints_by_port
 from kproxy.errors import InvalidObject
-from kproxy.model import IPFamily, Protocol
+from kproxy.model import IPFamily, Protocol, TrafficDistribution
 from kproxy.state import build_state
 from kproxy.testing.builders import endpoint, endpoint_slice, node, service
 
@@ -148,3 +149,38 @@ def test_bad_slices(case: str, obj: dict, field: str) -> None:
 def test_node() -> None:
     n = convert_node(node(addresses=["192.168.0.2", "fd00:192:168::2"], labels={"topology.kubernetes.io/zone": "a"}))
     assert n.addresses_of(IPFamily.V6) == ("fd00:192:168::2",) and n.zone == "a" and not n.being_deleted
+
+
+@pytest.mark.parametrize(
+    "value,kept",
+    [
+        ("PreferSameNode", TrafficDistribution.PREFER_SAME_NODE),
+        ("PreferSameZone", TrafficDistribution.PREFER_SAME_ZONE),
+        ("PreferClose", TrafficDistribution.PREFER_SAME_ZONE),
+        ("PreferSomewhereNice", TrafficDistribution.DEFAULT),
+        ("prefersamenode", TrafficDistribution.DEFAULT),
+        (7, TrafficDistribution.DEFAULT),
+        (None, TrafficDistribution.DEFAULT),
+    ],
+)
+def test_traffic_distribution_known_values_kept_others_ignored(value: object, kept: TrafficDistribution) -> None:
+    # The Service is proxied either way: an unknown value only means no preference, as the
+    # EndpointSlice controller treats it; PreferClose is PreferSameZone's older name.
+    svc = convert_service(service(trafficDistribution=value))
+    assert svc is not None and svc.ports[0].traffic_distribution is kept
+    v4 = svc.ports[0].for_family(IPFamily.V4)
+    assert v4 is not None and v4.traffic_distribution is kept
+
+
+def test_node_and_zone_hints() -> None:
+    raw = endpoint("10.0.1.10", "node-1", zone="zone-a", zone_hints=["zone-a"], node_hints=["node-1", "node-9"])
+    no_name = endpoint("10.0.2.10", zone_hints=["zone-b"])
+    no_name["hints"]["forNodes"] = [{}, {"name": ""}, {"name": 5}, "node-2"]  # the API server refuses these
+    es = convert_slice(endpoint_slice(endpoints=[raw, no_name, endpoint("10.0.2.11")]))
+    assert es is not None
+    first, second, third = es.endpoints
+    assert (first.zone, first.zone_hints, first.node_hints) == ("zone-a", {"zone-a"}, {"node-1", "node-9"})
+    assert (second.zone_hints, second.node_hints) == ({"zone-b"}, frozenset()), "nameless node hints dropped"
+    assert not third.zone_hints and not third.node_hints
+    (eps,) = endpoints_by_port([es], IPFamily.V4).values()
+    assert eps[0].node_hints == {"node-1", "node-9"} and eps[0].zone_hints == {"zone-a"}, "carried to endpoints"

@@ -33,7 +33,7 @@ from kproxy.config import IpvsConfig, ProxyConfig, validate
 from kproxy.lab.namespaces import NETNS_DIR, Lab
 from kproxy.model import IPFamily, Protocol
 from kproxy.proxier.ipvs import render as pv
-from kproxy.testing.builders import endpoint, endpoint_slice, node, service
+from kproxy.testing.builders import endpoint, endpoint_slice, hinted, node, service
 from kproxy.testing.linesrv import LineServer, line_client, read_line
 from kproxy.testing.netns import (
     EchoServer,
@@ -416,6 +416,33 @@ def test_ipv6_side_by_side(world: Node) -> None:
     world.sync([], families=(IPFamily.V6,))  # the v6 proxier removes its part; v4 is untouched
     assert "fd00:172:30::41" not in world.sh("ipvsadm", "-Ln")
     assert names_of(probe_many(world.lab.pod("pod-1b"), "172.30.0.41", 80, count=2))
+
+
+def test_prefer_same_node_hints_then_zone_hints_then_every_endpoint(world: Node) -> None:
+    # As the EndpointSlice controller hints a PreferSameNode Service: a node and a zone hint on
+    # each endpoint. Node-1 is in zone-a with pod-2a; pod-2b is in zone-b.
+    zones = {"pod-1a": "zone-a", "pod-2a": "zone-a", "pod-2b": "zone-b"}
+
+    def objs(*pods: str, unhinted: str = "") -> list[dict[str, Any]]:
+        hinted_eps = [
+            e if p == unhinted else hinted(e, "PreferSameNode", zones[p]) for p, e in zip(pods, eps(*pods), strict=True)
+        ]
+        return [
+            node(addresses=[NODE_IP], labels={"topology.kubernetes.io/zone": "zone-a"}),
+            service(name="near", cluster_ip="172.30.0.62", port=80, trafficDistribution="PreferSameNode"),
+            endpoint_slice("near", endpoints=hinted_eps, port=PORT),
+        ]
+
+    cip, pod = "172.30.0.62", world.lab.pod("pod-1b")
+    world.sync(objs("pod-1a", "pod-2a", "pod-2b"))
+    assert names_of(probe_many(pod, cip, 80, count=N)) == {"pod-1a"}, "node hints: this node's endpoint only"
+    assert names_of(probe_many(world.lab.node(1), cip, 80, count=N)) == {"pod-1a"}
+    shown = world.sh("ipvsadm", "-Ln", "-t", f"{cip}:80").splitlines()
+    assert [line.split()[1] for line in shown if f":{PORT} " in line] == [f"{ip('pod-1a')}:{PORT}"], shown
+    world.sync(objs("pod-2a", "pod-2b"))
+    assert names_of(probe_many(pod, cip, 80, count=N)) == {"pod-2a"}, "no endpoint here: zone hints"
+    world.sync(objs("pod-1a", "pod-2a", "pod-2b", unhinted="pod-2b"))
+    assert names_of(probe_many(pod, cip, 80, count=N)) == {"pod-1a", "pod-2a", "pod-2b"}, "a hint missing: all"
 
 
 # ----- applying only the difference
