@@ -5,7 +5,8 @@ It understands the commands the plan writes (`add|delete table`, `add|flush|dele
 transaction: on the first refused line nothing changes and a `BackendError` names the line,
 as `nft -f` does. Refused, as by nft 1.0.6 on this kernel (checked by hand in a namespace):
 a jump or goto (in a rule or a map element) to a missing chain; a rule or element naming a
-missing set or map; `add element` of a key already there with another value (the same value is
+missing set or map; a rule looking up a map whose `typeof` key has `th dport` in a later
+transaction than the map's own; `add element` of a key already there with another value (the same value is
 accepted); deleting a missing table, chain, set or element; deleting a chain a rule or element
 still points to, or a set a rule still names.
 """
@@ -67,7 +68,7 @@ class FakeNft:
             if not line.strip():
                 continue
             try:
-                _command(work, line)
+                _command(work, line, self.tables)
             except _Refused as e:
                 raise BackendError(
                     f"nft refused the transaction: {e}",
@@ -141,16 +142,23 @@ def _referenced(tb: FakeTable, chain: str) -> bool:
     return any(v.split(" ", 1)[-1] == chain for els in tb.elements.values() for v in els.values())
 
 
-def _check_rule(tb: FakeTable, rule: str) -> None:
+def _check_rule(tb: FakeTable, rule: str, committed: FakeTable | None) -> None:
     for target in _TARGET.findall(rule):
         if target not in tb.chains:
             raise _Refused(f"Could not process rule: No such file or directory: chain {target}")
     for ref in _SETREF.findall(rule):
         if ref not in tb.containers:
             raise _Refused(f"Could not process rule: No such file or directory: set {ref}")
+        # nft 1.0.6 rebuilds a map's `typeof` from the kernel and cannot then evaluate a
+        # lookup whose key has `th dport`; within the transaction that created it, it can.
+        spec = committed.specs.get(ref, "") if committed is not None else ""
+        if "typeof" in spec and " th dport" in spec.partition(":")[0]:
+            raise _Refused("conflicting protocols specified: tcp vs. th")
 
 
-def _command(tables: dict[tuple[str, str], FakeTable], line: str) -> None:  # noqa: C901
+def _command(  # noqa: C901
+    tables: dict[tuple[str, str], FakeTable], line: str, committed: dict[tuple[str, str], FakeTable]
+) -> None:
     words = line.split(" ", 4)
     verb, obj, family, tname = words[0], words[1], words[2], words[3]
     rest = words[4] if len(words) > 4 else ""
@@ -197,7 +205,7 @@ def _command(tables: dict[tuple[str, str], FakeTable], line: str) -> None:  # no
     elif obj == "rule":
         if name not in tb.chains:
             raise _Refused(f"Could not process rule: No such file or directory: chain {name}")
-        _check_rule(tb, body)
+        _check_rule(tb, body, committed.get(key))
         tb.chains[name].append(body)
     elif obj == "element":
         if name not in tb.containers:

@@ -114,7 +114,7 @@ def test_endpoint_churn_writes_partial_syncs(env: Env) -> None:
     [
         (("delete", "table", "ip", "kproxy"), "table ip kproxy deleted"),
         (("flush", "table", "ip", "kproxy"), "table ip kproxy flushed"),
-        (("flush", "map", "ip", "kproxy", "backends"), "map backends: 0 elements"),
+        (("flush", "map", "ip", "kproxy", "backends-tcp"), "map backends-tcp: 0 elements"),
     ],
     ids=["table-deleted", "table-flushed", "map-flushed"],
 )

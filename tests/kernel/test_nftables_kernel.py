@@ -197,7 +197,7 @@ def test_one_endpoint_change_writes_only_that_services_objects(world: Lab, tmp_p
     assert script and "delete table" not in script, script
     # A plain Service port is elements of the shared layout only: its endpoint moves in
     # `backends` under its own key (and its hairpin pair), and nothing else is written.
-    own = f"{CIP} . tcp . 80 . "
+    own = f"{CIP} . 80 . "
     assert all(own in line or "hairpin-ips" in line for line in script.splitlines()), script
     assert "chain" not in script and "172.30.0.42" not in script
     assert answered_by(probe_many(world.pod("pod-1b"), CIP, 80, count=N)) == {"pod-1a", "pod-2b"}
@@ -210,6 +210,33 @@ def test_prefer_same_node_hints_then_one_endpoint_without_a_hint(world: Lab, tmp
         assert answered_by(probe_many(who, CIP, 80, count=N)) == {"pod-1a"}, "only this node's endpoint"
     sync(world, tmp_path, ipt.same_node_svc("pod-1a", "pod-2a", "pod-2b", unhinted=("pod-2b",)))
     assert answered_by(probe_many(world.pod("pod-1b"), CIP, 80, count=3 * N)) == {"pod-1a", "pod-2a", "pod-2b"}
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "chains"),
+    [
+        (
+            ("pod-1a", "pod-2a"),
+            ("pod-1a", "pod-2a", "pod-2b"),
+            ("add chain ip kproxy lb-3", "delete chain ip kproxy lb-2"),
+        ),
+        (("pod-1a", "pod-2a", "pod-2b"), ("pod-2b",), ("add chain ip kproxy lb-1", "delete chain ip kproxy lb-3")),
+    ],
+    ids=["2-to-3", "3-to-1"],
+)
+def test_a_new_endpoint_count_moves_the_service_between_shared_chains(
+    world: Lab, tmp_path: Path, before: tuple[str, ...], after: tuple[str, ...], chains: tuple[str, ...]
+) -> None:
+    """The kernel takes the partial transaction that moves a Service port's key from one
+    endpoint count's set to another's, creating and deleting the shared chains on the way."""
+    paths = []
+    for step, pods in (("a", before), ("b", after)):
+        (tmp_path / step).mkdir()
+        paths.append(str(state_file(tmp_path / step, svc(*pods))))
+    res = world.run(world.node(1).ns, [sys.executable, "-c", _TWO_SYNCS, *paths])
+    script = res.stdout
+    assert "delete table" not in script and all(c in script for c in chains), script
+    assert answered_by(probe_many(world.pod("pod-1b"), CIP, 80, count=N)) == set(after)
 
 
 def test_a_table_deleted_by_hand_is_back_after_the_next_sync(world: Lab, tmp_path: Path) -> None:

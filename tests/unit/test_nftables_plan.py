@@ -119,12 +119,12 @@ def test_a_plain_services_endpoint_change_writes_its_elements_only() -> None:
     proxier.sync(*view_of(plain("10.0.2.40", "10.0.2.41")))
     result = proxier.sync(*view_of(plain("10.0.2.40", "10.0.2.49")))
     assert fake.scripts[-1].splitlines() == [
-        "delete element ip kproxy backends { 172.30.0.44 . tcp . 80 . 1 }",
+        "delete element ip kproxy backends-tcp { 172.30.0.44 . 80 . 1 }",
         "delete element ip kproxy hairpin-ips { 10.0.2.41 . 10.0.2.41 }",
-        "delete element ip kproxy nodeport-backends { tcp . 30084 . 1 }",
-        "add element ip kproxy backends { 172.30.0.44 . tcp . 80 . 1 : 10.0.2.49 . 80 }",
+        "delete element ip kproxy nodeport-backends-tcp { 30084 . 1 }",
+        "add element ip kproxy backends-tcp { 172.30.0.44 . 80 . 1 : 10.0.2.49 . 80 }",
         "add element ip kproxy hairpin-ips { 10.0.2.49 . 10.0.2.49 }",
-        "add element ip kproxy nodeport-backends { tcp . 30084 . 1 : 10.0.2.49 . 80 }",
+        "add element ip kproxy nodeport-backends-tcp { 30084 . 1 : 10.0.2.49 . 80 }",
     ]
     assert not result.full and result.chains_written == 0
 
@@ -317,3 +317,14 @@ def test_golden_reference_layout(family: IPFamily) -> None:
     if family is IPFamily.V4:
         # Upstream's name for ns1/svc1's Service chain (its hash, recomputed by hand).
         assert "add chain ip kproxy service-ULMVA6XW-ns1/svc1/tcp/p80\n" in text
+
+
+def test_the_fake_refuses_a_lookup_of_a_committed_typeof_th_map_as_nft_1_0_6_does() -> None:
+    fake = FakeNft()
+    fake.apply(
+        "add table ip kproxy\nadd chain ip kproxy a\n"
+        "add map ip kproxy m { typeof ip daddr . th dport . numgen random mod 1 : ip daddr . th dport ; }\n"
+        "add rule ip kproxy a dnat ip addr . port to ip daddr . th dport . numgen random mod 2 map @m\n"
+    )
+    with pytest.raises(BackendError, match="conflicting protocols"):
+        fake.apply("add rule ip kproxy a dnat ip addr . port to ip daddr . th dport . numgen random mod 3 map @m\n")

@@ -49,10 +49,10 @@ NO_ENDPOINT_NODEPORTS = "no-endpoint-nodeports"
 FIREWALL_IPS = "firewall-ips"
 FIREWALL_ALLOW = "firewall-allow"
 HAIRPIN = "hairpin-ips"
-# The shared layout (render.py): every plain Service port's endpoints, keyed by VIP or NodePort
-# and index, and the dispatch chains holding one rule per endpoint count.
-BACKENDS = "backends"
-NODEPORT_BACKENDS = "nodeport-backends"
+# The shared layout (render.py): every plain Service port's endpoints, per protocol, keyed by
+# VIP . port . index (or NodePort . index), and the dispatch chains holding one rule per
+# endpoint count.
+PROTOCOLS = ("tcp", "udp", "sctp")
 SHARED_SERVICE_IPS = "shared-service-ips"
 SHARED_NODEPORTS = "shared-nodeports"
 
@@ -89,6 +89,15 @@ def affinity_set(spn: ServicePortName, ip: str, port: int) -> str:
     # ':' is not allowed in nft names; upstream writes IPv6 endpoints with '.' instead.
     ep = f"{ip.replace(':', '.')}/{port}"
     return AFFINITY_PREFIX + _hash_and_truncate(f"{spn.namespace}/{spn.name}/{spn.protocol.lowercase}/{spn.port}__{ep}")
+
+
+def backends(protocol: str) -> str:
+    """`backends-tcp`: the endpoints of shared-layout Service ports of that protocol."""
+    return f"backends-{protocol}"
+
+
+def nodeport_backends(protocol: str) -> str:
+    return f"nodeport-backends-{protocol}"
 
 
 def lb_chain(count: int) -> str:

@@ -289,8 +289,10 @@ def shared_objects(uses: Mapping[str, int], ctx: NodeContext) -> tuple[tuple[Cha
     lbs = sorted((c for c in uses if c.startswith("lb-")), key=_lb_count)
     nps = sorted((c for c in uses if c.startswith("nodeport-lb-")), key=_lb_count)
     dest_key = f"{ipx} daddr . meta l4proto . th dport"
-    # nft wants a transport protocol before a DNAT with a port; every Service protocol is one.
-    dnat = f"meta l4proto {{ tcp, udp, sctp }} dnat {ipx} addr . port to"
+    # One DNAT rule per protocol, each through its own map: nft 1.0.6 cannot add a rule that
+    # looks up a map declared with `th dport` in its key once that map is in the kernel
+    # ("conflicting protocols specified: tcp vs. th"), and a new endpoint count adds one.
+    dnat = f"dnat {ipx} addr . port to"
     head: tuple[str, ...] = ()
     if ctx.masquerade_all:
         head = (f"jump {names.MARK_MASQ}",)
@@ -303,7 +305,18 @@ def shared_objects(uses: Mapping[str, int], ctx: NodeContext) -> tuple[tuple[Cha
         Chain(names.SHARED_NODEPORTS, tuple(f"meta l4proto . th dport @{names.lb_keys(c)} goto {c}" for c in nps)),
     ]
     chains += [
-        Chain(c, (*head, f"{dnat} {dest_key} . numgen random mod {_lb_count(c)} map @{names.BACKENDS}")) for c in lbs
+        Chain(
+            c,
+            (
+                *head,
+                *(
+                    f"meta l4proto {p} {dnat} {ipx} daddr . {p} dport . numgen random mod {_lb_count(c)}"
+                    f" map @{names.backends(p)}"
+                    for p in names.PROTOCOLS
+                ),
+            ),
+        )
+        for c in lbs
     ]
     # NodePort traffic with eTP Cluster may leave for another node: always masqueraded.
     chains += [
@@ -311,7 +324,11 @@ def shared_objects(uses: Mapping[str, int], ctx: NodeContext) -> tuple[tuple[Cha
             c,
             (
                 f"jump {names.MARK_MASQ}",
-                f"{dnat} meta l4proto . th dport . numgen random mod {_lb_count(c)} map @{names.NODEPORT_BACKENDS}",
+                *(
+                    f"meta l4proto {p} {dnat} {p} dport . numgen random mod {_lb_count(c)}"
+                    f" map @{names.nodeport_backends(p)}"
+                    for p in names.PROTOCOLS
+                ),
             ),
         )
         for c in nps
@@ -430,19 +447,25 @@ def fixed(ctx: NodeContext) -> tuple[tuple[Chain, ...], tuple[Container, ...], t
         Container(n.FIREWALL_IPS, vkey, comment="destinations subject to loadBalancerSourceRanges"),
         Container(n.FIREWALL_ALLOW, f"{vkey} . {addr}", flags=("interval",), comment="allowed sources"),
         Container(n.HAIRPIN, f"{addr} . {addr}", comment="endpoint . endpoint: hairpin traffic"),
-        Container(
-            n.BACKENDS,
-            f"{vkey} . integer : {addr} . inet_service",
-            "map",
-            comment="VIP . protocol . port . index: endpoint of a shared-layout Service port",
-            typeof=f"{ipx} daddr . meta l4proto . th dport . numgen random mod 1 : {ipx} daddr . th dport",
+        *(
+            Container(
+                n.backends(p),
+                f"{addr} . inet_service . integer : {addr} . inet_service",
+                "map",
+                comment=f"VIP . port . index: endpoint of a shared-layout {p.upper()} Service port",
+                typeof=f"{ipx} daddr . {p} dport . numgen random mod 1 : {ipx} daddr . {p} dport",
+            )
+            for p in n.PROTOCOLS
         ),
-        Container(
-            n.NODEPORT_BACKENDS,
-            f"inet_proto . inet_service . integer : {addr} . inet_service",
-            "map",
-            comment="protocol . NodePort . index: endpoint of a shared-layout Service port",
-            typeof=f"meta l4proto . th dport . numgen random mod 1 : {ipx} daddr . th dport",
+        *(
+            Container(
+                n.nodeport_backends(p),
+                f"inet_service . integer : {addr} . inet_service",
+                "map",
+                comment=f"NodePort . index: endpoint of a shared-layout {p.upper()} Service port",
+                typeof=f"{p} dport . numgen random mod 1 : {ipx} daddr . {p} dport",
+            )
+            for p in n.PROTOCOLS
         ),
     )
     elements = tuple((n.NODEPORT_IPS, ip, "") for ip in nodeports or ())
@@ -516,7 +539,7 @@ def _shared_service(svc: ServicePort, sets: EndpointSets) -> ServiceObjects:
         lb = names.lb_chain(len(internal))
         shared.append(lb)
         elements.append((names.lb_keys(lb), key, ""))
-        elements += _backends(names.BACKENDS, key, internal)
+        elements += _backends(names.backends(proto), f"{svc.cluster_ip} . {svc.port}", internal)
     else:
         elements.append((names.NO_ENDPOINT_SERVICES, key, DROP_VERDICT if sets.has_any else REJECT_VERDICT))
     if svc.node_port:
@@ -525,7 +548,7 @@ def _shared_service(svc: ServicePort, sets: EndpointSets) -> ServiceObjects:
             lb = names.nodeport_lb_chain(len(sets.cluster))
             shared.append(lb)
             elements.append((names.lb_keys(lb), np_key, ""))
-            elements += _backends(names.NODEPORT_BACKENDS, np_key, sets.cluster)
+            elements += _backends(names.nodeport_backends(proto), str(svc.node_port), sets.cluster)
         else:
             elements.append((names.NO_ENDPOINT_NODEPORTS, np_key, REJECT_VERDICT))
     elements.extend((names.HAIRPIN, f"{ep.ip} . {ep.ip}", "") for ep in sets.reachable)
