@@ -11,9 +11,9 @@ kernel objects, because at scale the kernel's cost is per object (docs/mode-nfta
   affinity, external IPs, LoadBalancer IPs or `externalTrafficPolicy: Local` (ClusterIP and
   NodePort Services, nearly all of a cluster) owns no chain and no set: its ClusterIP key is an
   element of `service-ips-N` (N: how many endpoints it balances over), its NodePort one of
-  `service-nodeports-N`, its endpoints elements of `backends` (`VIP . protocol . port . index :
-  endpoint . port`) and `nodeport-backends`. One chain per endpoint count, `lb-N`, picks
-  `numgen random mod N` and DNATs through `backends` in one rule. Dispatch to `lb-N` is a rule
+  `service-nodeports-N`, its endpoints elements of its protocol's `backends-tcp` (`VIP . port .
+  index : endpoint . port`) and `nodeport-backends-tcp`. One chain per endpoint count, `lb-N`,
+  picks `numgen random mod N` and DNATs through the backends map in one rule per protocol. Dispatch to `lb-N` is a rule
   per count on a plain set, not a verdict-map element: adding a `goto` element makes the kernel
   re-validate the whole jump graph on commit, which grows with the table, while adding a plain
   element costs the same at any size.
