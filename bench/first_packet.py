@@ -210,15 +210,6 @@ def measure_phase(client_ns: str, node_ns: str, dst: str, seconds: float, worker
     return result
 
 
-def measure_target(
-    client_ns: str, node_ns: str, dst: str, args: argparse.Namespace, label: str
-) -> dict[str, dict[str, Any]]:
-    return {
-        "throughput": measure_phase(client_ns, node_ns, dst, args.seconds, args.workers),
-        "latency": measure_phase(client_ns, node_ns, dst, args.latency_seconds, 1),
-    }
-
-
 def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     """Median and spread over the rounds of one target."""
     per_s = [r["throughput"]["per_s"] for r in rounds]
@@ -241,70 +232,122 @@ def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     }
 
 
-def measure_case(column: str, services: int, state: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from modes import MODES
-    from procs import KPROXY
+class _Lab:
+    """One running lab with the pod's server; `down()` stops both, whatever happened."""
 
-    from kproxy.lab.namespaces import Lab
+    def __init__(self, prefix: str) -> None:
+        from kproxy.lab.namespaces import Lab
 
-    mode, _, backend = (part.strip() for part in column.partition("/"))
-    spec = MODES[mode]
-    lab = Lab(prefix=f"fp{os.getpid()}", nodes=1, pods_per_node=1, clients=1)
-    out: dict[str, Any] = {"mode": mode, "backend": backend, "status": "ok"}
-    server: subprocess.Popen[str] | None = None
-    with lab:
-        node, pod, cl = lab.node(1), lab.pod("pod-1a"), lab.client(1)
-        assert pod.ipv4 == pod_addresses()[0], (pod.ipv4, "the lab's address plan changed")
-        lab.run(
-            pod.ns, ["ip", "-batch", "-"], input="".join(f"addr add {a}/24 dev eth0\n" for a in pod_addresses()[1:])
-        )
+        self.lab = Lab(prefix=prefix, nodes=1, pods_per_node=1, clients=1)
+        self.server: subprocess.Popen[str] | None = None
+        self.lab.up()
         try:
-            server = subprocess.Popen(
-                ["ip", "netns", "exec", pod.ns, sys.executable, str(HERE), "_serve", str(PORT)],
+            self.node, self.pod, self.client = self.lab.node(1), self.lab.pod("pod-1a"), self.lab.client(1)
+            assert self.pod.ipv4 == pod_addresses()[0], (self.pod.ipv4, "the lab's address plan changed")
+            more = "".join(f"addr add {a}/24 dev eth0\n" for a in pod_addresses()[1:])
+            self.lab.run(self.pod.ns, ["ip", "-batch", "-"], input=more)
+            self.server = subprocess.Popen(
+                ["ip", "netns", "exec", self.pod.ns, sys.executable, str(HERE), "_serve", str(PORT)],
                 stdout=subprocess.PIPE,
                 text=True,
                 start_new_session=True,
             )
-            assert server.stdout is not None
-            if server.stdout.readline().strip() != "listening":
+            assert self.server.stdout is not None
+            if self.server.stdout.readline().strip() != "listening":
                 raise RuntimeError("the pod's server did not start")
-            out["baseline"] = summarize(
-                [measure_target(cl.ns, node.ns, pod.ipv4, args, "baseline") for _ in range(args.rounds)]
-            )
-            argv = [
-                *KPROXY,
-                "sync",
-                *spec.flags(backend),
-                "--state",
-                str(state),
-                "--node",
-                NODE_NAME,
-                "--cluster-cidr",
-                "10.0.0.0/8",
-            ]
-            started = time.perf_counter()
-            done = run_in_ns(node.ns, argv, timeout=args.budget)
-            out["sync_s"] = time.perf_counter() - started
-            if done.returncode != 0:
-                return {**out, "status": "failed", "stderr": done.stderr[-1500:]}
-            vip = target_ip(services)
-            check = measure_phase(cl.ns, node.ns, vip, 0.05, 1)
-            if not check["connections"]:
-                return {**out, "status": "failed", "stderr": f"no connection through {vip}: {check['errors']}"}
-            service_rounds, pod_rounds = [], []
-            for _ in range(args.rounds):
-                service_rounds.append(measure_target(cl.ns, node.ns, vip, args, "service"))
-                pod_rounds.append(measure_target(cl.ns, node.ns, pod.ipv4, args, "pod"))
-            out["service"] = summarize(service_rounds)
-            out["pod_with_rules"] = summarize(pod_rounds)
-        finally:
-            if server is not None:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+        except BaseException:
+            self.down()
+            raise
+
+    def down(self) -> None:
+        if self.server is not None:
+            os.killpg(self.server.pid, signal.SIGKILL)
+            self.server.wait()
+            self.server = None
+        self.lab.down()
+
+    def measure(self, dst: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+        return {
+            "throughput": measure_phase(self.client.ns, self.node.ns, dst, args.seconds, args.workers),
+            "latency": measure_phase(self.client.ns, self.node.ns, dst, args.latency_seconds, 1),
+        }
+
+
+def sync(lab: _Lab, column: str, state: Path, services: int, args: argparse.Namespace) -> dict[str, Any]:
+    """`kproxy sync` in the lab's node, then one connection through the target's ClusterIP."""
+    from modes import MODES
+    from procs import KPROXY
+
+    mode, _, backend = (part.strip() for part in column.partition("/"))
+    out: dict[str, Any] = {"mode": mode, "backend": backend, "status": "ok"}
+    argv = [
+        *KPROXY,
+        "sync",
+        *MODES[mode].flags(backend),
+        *("--state", str(state), "--node", NODE_NAME, "--cluster-cidr", "10.0.0.0/8"),
+    ]
+    started = time.perf_counter()
+    done = run_in_ns(lab.node.ns, argv, timeout=args.budget)
+    out["sync_s"] = time.perf_counter() - started
+    if done.returncode != 0:
+        return {**out, "status": "failed", "stderr": done.stderr[-1500:]}
+    check = measure_phase(lab.client.ns, lab.node.ns, target_ip(services), 0.05, 1)
+    if not check["connections"]:
+        return {**out, "status": "failed", "stderr": f"no connection through {target_ip(services)}: {check['errors']}"}
     return out
 
 
+def measure_column(column: str, sizes: list[int], states: dict[int, Path], args: argparse.Namespace) -> dict[int, Any]:
+    """Every size of one mode at once: a lab per size with its rules loaded and one with none
+    (the baseline), all up together, measured round by round in turn, so that whatever else the
+    machine does in a round weighs on every size alike."""
+    labs: list[_Lab] = []
+    cases: dict[int, dict[str, Any]] = {}
+    try:
+        base = _Lab(f"fp{os.getpid()}b")
+        labs.append(base)
+        loaded: dict[int, _Lab] = {}
+        for i, n in enumerate(sizes):
+            lab = _Lab(f"fp{os.getpid()}s{i}")
+            labs.append(lab)
+            cases[n] = sync(lab, column, states[n], n, args)
+            say(f"   {column}, {n:,} Services: kproxy sync {cases[n]['status']} ({cases[n]['sync_s']:.1f} s)")
+            if cases[n]["status"] == "ok":
+                loaded[n] = lab
+        rounds: dict[str, list[dict[str, dict[str, Any]]]] = {"baseline": []}
+        for n in loaded:
+            rounds[f"{n}/service"], rounds[f"{n}/pod"] = [], []
+        for _ in range(args.rounds):
+            rounds["baseline"].append(base.measure(base.pod.ipv4, args))
+            for n, lab in loaded.items():
+                rounds[f"{n}/service"].append(lab.measure(target_ip(n), args))
+                rounds[f"{n}/pod"].append(lab.measure(lab.pod.ipv4, args))
+        baseline = summarize(rounds["baseline"])
+        for n in loaded:
+            cases[n].update(
+                baseline=baseline,
+                service=summarize(rounds[f"{n}/service"]),
+                pod_with_rules=summarize(rounds[f"{n}/pod"]),
+            )
+    finally:
+        for lab in reversed(labs):
+            lab.down()
+    return cases
+
+
 # -- the whole run --------------------------------------------------------------------------------
+
+
+def remove_dead_labs() -> None:
+    """Labs of earlier runs killed with SIGKILL (their `fp<pid>` owner is gone)."""
+    import re
+
+    from kproxy.lab.namespaces import NETNS_DIR, remove_namespaces
+
+    names = os.listdir(NETNS_DIR) if os.path.isdir(NETNS_DIR) else []
+    for prefix, pid in {(m[1], m[2]) for m in map(re.compile(r"(fp(\d+)[a-z]\d*)-").match, names) if m}:
+        if not Path(f"/proc/{pid}").exists():
+            remove_namespaces(prefix)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -322,29 +365,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sizes": [],
     }
     with tempfile.TemporaryDirectory(prefix="kproxy-fp-") as tmp:
+        states: dict[int, Path] = {}
         for n in sorted(args.sizes):
             t = time.perf_counter()
-            state = write_state(Path(tmp) / f"fp{n}.json", n)
-            say(f"== {n:,} Services (state written in {time.perf_counter() - t:.1f} s)")
-            size: dict[str, Any] = {"services": n, "per_service": ENDPOINTS, "columns": {}}
-            results["sizes"].append(size)
-            for column in args.columns:
-                if column == "iptables / nft" and n > args.nft_max:
-                    size["columns"][column] = {
+            states[n] = write_state(Path(tmp) / f"fp{n}.json", n)
+            say(f"{n:,} Services: state written in {time.perf_counter() - t:.1f} s")
+            results["sizes"].append({"services": n, "per_service": ENDPOINTS, "columns": {}})
+        by_size = {s["services"]: s for s in results["sizes"]}
+        for column in args.columns:
+            sizes = sorted(states)
+            if column == "iptables / nft":
+                for n in [n for n in sizes if n > args.nft_max]:
+                    by_size[n]["columns"][column] = {
                         "mode": "iptables",
                         "backend": "nft",
                         "status": "not run",
                         "why": f"iptables-nft loads {n:,} Services in minutes (5,000: 57 s); run up to {args.nft_max:,}",
                     }
-                    say(f"   {column}: not run")
-                    continue
-                t = time.perf_counter()
-                case = measure_case(column, n, state, args)
-                size["columns"][column] = case
-                say(f"   {column}: {case['status']} ({time.perf_counter() - t:.0f} s) {_line(case)}")
-                results["total_s"] = time.perf_counter() - started
-                if args.out:
-                    write(results, args.out)  # after every case: a run stopped later keeps these
+                sizes = [n for n in sizes if n <= args.nft_max]
+            t = time.perf_counter()
+            for n, case in measure_column(column, sizes, states, args).items():
+                by_size[n]["columns"][column] = case
+                say(f"   {column}, {n:,} Services: {case['status']} {_line(case)}")
+            say(f"   {column}: {time.perf_counter() - t:.0f} s")
+            results["total_s"] = time.perf_counter() - started
+            results["ratios"] = ratios(results)
+            if args.out:
+                write(results, args.out)  # after every mode: a run stopped later keeps these
     results["total_s"] = time.perf_counter() - started
     results["ratios"] = ratios(results)
     if args.out:
@@ -378,12 +425,14 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
             row["per_s_ratio"] = b["service"]["per_s_median"] / a["service"]["per_s_median"]
             row["p50_ratio"] = b["service"]["p50_us_median"] / a["service"]["p50_us_median"]
             row["within_10_percent"] = row["per_s_ratio"] >= 0.9
-            # The same ratio with each case's figure taken relative to its own no-rules baseline,
-            # measured in the same lab minutes apart at most: what the machine's drift between
-            # the two cases does not move.
-            row["relative_ratio"] = (b["service"]["per_s_median"] / b["baseline"]["per_s_median"]) / (
-                a["service"]["per_s_median"] / a["baseline"]["per_s_median"]
-            )
+            # Round r of both sizes ran back to back: the ratio within each round, then their
+            # median, is what the machine's drift from round to round does not move.
+            paired = [
+                y["throughput"]["per_s"] / x["throughput"]["per_s"]
+                for x, y in zip(a["service"]["rounds"], b["service"]["rounds"], strict=True)
+            ]
+            row["paired_ratio_median"] = statistics.median(paired)
+            row["paired_ratios"] = paired
             row["status"] = "ok"
         out.append(row)
     return out
@@ -433,7 +482,7 @@ def markdown(results: dict[str, Any], svg_name: str) -> str:
     if results.get("ratios"):
         lines += [
             "",
-            "| mode | connections/s at {large:,} ÷ at {small:,} | the same, each over its no-rules baseline "
+            "| mode | connections/s at {large:,} ÷ at {small:,} (medians) | the same, round by round: median (min–max) "
             "| connect() p50 at {large:,} ÷ at {small:,} | issue 13: within 10 % |".format(**results["ratios"][0]),
             "|---|---|---|---|---|",
         ]
@@ -443,7 +492,8 @@ def markdown(results: dict[str, Any], svg_name: str) -> str:
                 continue
             mark = "yes" if r["within_10_percent"] else "**no**"
             lines.append(
-                f"| {r['column']} | {r['per_s_ratio']:.2f} | {r['relative_ratio']:.2f} | {r['p50_ratio']:.2f} | {mark} |"
+                f"| {r['column']} | {r['per_s_ratio']:.2f} | {r['paired_ratio_median']:.2f} "
+                f"({min(r['paired_ratios']):.2f}–{max(r['paired_ratios']):.2f}) | {r['p50_ratio']:.2f} | {mark} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -487,6 +537,7 @@ def main() -> None:
         sys.exit("first_packet: needs root (network namespaces)")
     # SIGTERM unwinds like Ctrl-C, so the lab and the server go on the way out.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    remove_dead_labs()
     results = run(args)
     if not args.out:
         say(markdown(results, "-"))
