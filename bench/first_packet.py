@@ -2,19 +2,21 @@
 30,000 Services in the kernel, per mode, side by side (issue 13: "at 30,000 Services within 10 %
 of 1,000 Services"). Recorded, never asserted.
 
-Per size and mode (or iptables backend) a fresh one-node lab (`kproxy.lab`: node-1, pod-1a,
-client-1 on the LAN routing through node-1) is built, and:
+Per mode (or iptables backend), one one-node lab per size (`kproxy.lab`: node-1, pod-1a,
+client-1 on the LAN routing through node-1) and one more with no rules, all up at once:
 
 1. pod-1a runs a small server: accept and close, nothing else (port 80, 10 addresses);
-2. the **baseline** is measured before any rule exists: client-1 straight to the pod's address;
-3. `kproxy sync MODE --state FILE --node node-1 --cluster-cidr 10.0.0.0/8` programs node-1 with
-   N − 1 generated Services × 10 endpoints (`cluster.py`, none of them reachable) plus the
-   target: ns1/zz-target, its ten endpoints the pod's ten addresses. It sorts last, so it is the
-   last ClusterIP rule of the iptables mode's KPROXY-SERVICES (a packet to it walks past every
-   other Service), and it is a 10-endpoint Service like the others in the nftables mode's maps;
-4. then, for several rounds, alternately: client-1 → ClusterIP (DNAT, and masquerade since the
-   client is off-cluster) and client-1 → pod address with the rules loaded (what every non-Service
-   connection pays for them).
+2. `kproxy sync MODE --state FILE --node node-1 --cluster-cidr 10.0.0.0/8` programs each loaded
+   lab's node-1 with N − 1 generated Services × 10 endpoints (`cluster.py`, none of them
+   reachable) plus the target: ns1/zz-target, its ten endpoints the pod's ten addresses. It sorts
+   last, so it is the last ClusterIP rule of the iptables mode's KPROXY-SERVICES (a packet to it
+   walks past every other Service), and it is a 10-endpoint Service like the others in the
+   nftables mode's maps;
+3. then, for several rounds, each round in turn: the **baseline** (client-1 straight to the pod
+   in the lab with no rules), and in each loaded lab client-1 → ClusterIP (DNAT, and masquerade
+   since the client is off-cluster) and client-1 → pod address (what every non-Service
+   connection pays for the rules). Rounds visit every size back to back, so whatever else the
+   machine does weighs on all sizes alike, and the per-round ratio cancels it.
 
 Each measurement is a **throughput** phase (W client processes, each a tight connect/close loop
 for S seconds: connections per second) and a **latency** phase (one client, the same loop: the
@@ -23,7 +25,7 @@ is closed with SO_LINGER 0 (an RST: no TIME_WAIT, the source port is free again 
 keeps no TIME_WAIT sockets (the lab's setting), and node-1's conntrack table is flushed before
 every phase, so no phase inherits the previous one's entries.
 
-    flock /tmp/kproxy-bench.lock python bench/first_packet.py --sizes 1000 30000 --out docs/benchmarks.md
+    flock /tmp/kproxy-bench.lock python bench/first_packet.py --sizes 1000 30000 --rounds 7 --out docs/benchmarks.md
 
 writes the block between the `<!-- bench:first-packet -->` markers of docs/benchmarks.md, the
 raw figures under the "first_packet" key of docs/benchmarks.json and the plot to
