@@ -2,6 +2,7 @@
 
 python bench/plot.py docs/benchmarks.json docs/benchmarks.svg           # in-process
 python bench/plot.py docs/benchmarks.json docs/benchmarks-process.svg   # kproxy sync / run
+python bench/plot.py docs/benchmarks.json docs/benchmarks-first-packet.svg   # new connections/s
 """
 
 from __future__ import annotations
@@ -153,12 +154,75 @@ def bars(title: str, groups: list[tuple[str, dict]], series: tuple[tuple[str, st
     return "\n".join(out) + "\n"
 
 
+# The first-packet benchmark (bench/first_packet.py): new connections per second, linear axis.
+FIRST_PACKET_SERIES = (
+    ("service", "through the ClusterIP", "#4c72b0"),
+    ("pod_with_rules", "to the pod, rules loaded", "#55a868"),
+    ("baseline", "to the pod, no rules", "#8c8c8c"),
+)
+
+
+def first_packet_svg(results: dict) -> str:
+    """One group per size and mode, one bar per target: the median connections per second, with
+    the rounds' min-max drawn as a whisker."""
+    groups = [
+        (f"{size['services']:,}, {name}", column)
+        for size in results["sizes"]
+        for name, column in size["columns"].items()
+        if column.get("status") == "ok"
+    ]
+    top_value = max([column[key]["per_s_max"] for _, column in groups for key, _, _ in FIRST_PACKET_SERIES] or [1.0])
+    scale = 10 ** math.floor(math.log10(top_value))
+    top_value = math.ceil(top_value / scale) * scale
+    bar, gap, left, top, width = 14, 18, 200, 40, 480
+    height = top + max(len(groups), 1) * (len(FIRST_PACKET_SERIES) * bar + gap) + 60
+
+    def x(value: float) -> float:
+        return left + width * value / top_value
+
+    axis = height - 36
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 120}" height="{height}" '
+        'font-family="sans-serif" font-size="11">',
+        '<text x="8" y="20" font-size="13">New TCP connections per second through one Service '
+        "(median of the rounds, min-max whisker)</text>",
+    ]
+    for i in range(6):
+        value = top_value * i / 5
+        out.append(f'<line x1="{x(value):.1f}" y1="{top - 5}" x2="{x(value):.1f}" y2="{axis - 14}" stroke="#ddd"/>')
+        out.append(f'<text x="{x(value):.1f}" y="{axis}" text-anchor="middle">{value:,.0f}</text>')
+    y = top
+    for label, column in groups:
+        out.append(f'<text x="8" y="{y + bar * 2}">{label}</text>')
+        for key, _, colour in FIRST_PACKET_SERIES:
+            s = column[key]
+            out.append(
+                f'<rect x="{left}" y="{y}" width="{x(s["per_s_median"]) - left:.1f}" height="{bar - 2}" fill="{colour}"/>'
+            )
+            mid = y + (bar - 2) / 2
+            out.append(
+                f'<line x1="{x(s["per_s_min"]):.1f}" y1="{mid}" x2="{x(s["per_s_max"]):.1f}" y2="{mid}" stroke="#000"/>'
+            )
+            out.append(f'<text x="{x(s["per_s_max"]) + 4:.1f}" y="{y + bar - 4}">{s["per_s_median"]:,.0f}</text>')
+            y += bar
+        y += gap
+    lx = left
+    for _, label, colour in FIRST_PACKET_SERIES:
+        out.append(f'<rect x="{lx}" y="{axis + 14}" width="10" height="10" fill="{colour}"/>')
+        out.append(f'<text x="{lx + 14}" y="{axis + 23}">{label}</text>')
+        lx += 14 + 6 * len(label) + 16
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     data = json.loads(Path(sys.argv[1]).read_text())
     target = Path(sys.argv[2])
     if isinstance(data, list):  # the file before it held more than the in-process benchmark
         data = {"iptables": data}
-    if target.stem.endswith("-process"):
+    if target.stem.endswith("-first-packet"):
+        target.write_text(first_packet_svg(data["first_packet"]))
+    elif target.stem.endswith("-process"):
         target.write_text(process_svg(data["process"]))
     else:
         target.write_text(svg(data["iptables"]))
