@@ -50,7 +50,9 @@ class KernelObject:
             head = f"chain {self.where}/{self.name}"
         else:
             head = f"{self.kind} {self.where}: {self.name}" + (f" : {self.value}" if self.value else "")
-        return head if self.rules is None else f"{head} ({self.rules} rules)"
+        if self.rules is None:
+            return head
+        return f"{head} ({self.rules} rule{'' if self.rules == 1 else 's'})"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "where": self.where, "name": self.name}
@@ -337,7 +339,7 @@ def _wrapped(label: str, items: Sequence[str], width: int = WIDTH) -> list[str]:
 
 
 def _yes(v: bool) -> str:
-    return "yes" if v else "no"
+    return "y" if v else "n"
 
 
 def _addr(ip: str, port: int) -> str:
@@ -389,15 +391,14 @@ def _port_lines(p: Mapping[str, Any]) -> list[str]:
         rules += "; hints passed over: " + ", ".join(p["hintsSkipped"])
     lines.append("  chosen by  " + rules)
     if p["endpoints"]:
-        rows = [("ENDPOINT", "READY", "SERVING", "TERM", "NODE", "ZONE", "HINTS", "USED", "WHY")]
+        # R S T: ready, serving, terminating (the EndpointSlice conditions), y or n.
+        rows = [("ENDPOINT", "R S T", "NODE", "ZONE", "HINTS", "USED", "WHY")]
         for e in p["endpoints"]:
             hints = "/".join(x for x in (",".join(e["hints"]["forNodes"]), ",".join(e["hints"]["forZones"])) if x)
             rows.append(
                 (
                     _addr(e["ip"], e["port"]),
-                    _yes(e["ready"]),
-                    _yes(e["serving"]),
-                    _yes(e["terminating"]),
+                    " ".join(_yes(e[c]) for c in ("ready", "serving", "terminating")),
                     e["node"] or "-",
                     e["zone"] or "-",
                     hints or "-",
@@ -406,7 +407,7 @@ def _port_lines(p: Mapping[str, Any]) -> list[str]:
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-        lines.append("  endpoints")
+        lines.append("  endpoints  (R S T: ready, serving, terminating)")
         for r in rows:
             lines.append("    " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
     else:

@@ -50,6 +50,6 @@ def differences(
     if complete:
         for table in sorted(chains):
             for chain in sorted(chains[table]):
-                if names.is_service_chain(chain) and (table, chain) not in wanted:
+                if chain.startswith(names.SERVICE_CHAIN_PREFIXES) and (table, chain) not in wanted:
                     out.append(f"unexpected: chain {table}/{chain}")
     return out
