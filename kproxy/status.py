@@ -34,6 +34,7 @@ class KernelObject:
     """One kernel object a Service port needs, as `--check` looks it up.
 
     kind: `chain` (iptables: `where` is the table; nftables: `where` is the table, `kproxy`),
+    `rules-in` (iptables: `rules` of the Service port's rules in the shared chain `where/name`),
     `element` (nftables: `where` is the set or map, `name` the key), `set` (nftables affinity
     sets), `virtual-server` and `real-server` (IPVS: `name` is `TCP 172.30.0.41:80`, a real
     server's `where` its virtual server), `ipset-entry` (IPVS: `where` is the ipset).
@@ -46,6 +47,8 @@ class KernelObject:
     value: str = ""  # a map element's value (`goto reject-chain`), shown but not checked
 
     def __str__(self) -> str:
+        if self.kind == "rules-in":  # a Service port's rules in a chain every Service shares
+            return f"{self.rules} rule{'' if self.rules == 1 else 's'} in {self.where}/{self.name}"
         if self.kind == "chain":
             head = f"chain {self.where}/{self.name}"
         else:
@@ -77,7 +80,6 @@ class Unused(str, enum.Enum):
     OTHER_NODE_HINT = "hinted-for-other-node"  # node hints in use, none names this node
     OTHER_ZONE_HINT = "hinted-for-other-zone"  # zone hints in use, none names this zone
     NOT_LOCAL = "not-on-this-node"  # only a Local policy's set is used, and it is elsewhere
-    NOT_CHOSEN = "not-chosen"  # none of the above (a ready local endpoint beside a terminating fallback)
 
 
 FORWARD, REJECT, DROP = "forward", "REJECT", "DROP"
@@ -189,7 +191,7 @@ class ServiceTable:
 # -- building ------------------------------------------------------------------------------------
 
 
-def _unused(ep: Endpoint, sets: EndpointSets, node_name: str) -> Unused:
+def _unused(ep: Endpoint, sets: EndpointSets) -> Unused:
     if not ep.ready and not (ep.serving and ep.terminating):
         return Unused.NOT_SERVING
     if not ep.ready:
@@ -198,9 +200,9 @@ def _unused(ep: Endpoint, sets: EndpointSets, node_name: str) -> Unused:
         return Unused.OTHER_NODE_HINT
     if sets.cluster_rule is Selection.ZONE_HINTS:
         return Unused.OTHER_ZONE_HINT
-    if sets.cluster_rule is Selection.UNUSED and ep.node_name != node_name:
-        return Unused.NOT_LOCAL
-    return Unused.NOT_CHOSEN
+    # Left: a ready endpoint outside every hint rule, so the cluster set is unused (iTP Local, not
+    # externally reachable) and the endpoint is not this node's (a ready local one is in the set).
+    return Unused.NOT_LOCAL
 
 
 def _verdict(chosen: tuple[Endpoint, ...], has_any: bool) -> str:
@@ -220,7 +222,7 @@ def port_status(
     for ep in eps:
         in_cluster, in_local = ep.addr in cluster, ep.addr in local
         rules = [r.value for r, on in ((sets.cluster_rule, in_cluster), (sets.local_rule, in_local)) if on]
-        why = ", ".join(rules) if rules else _unused(ep, sets, ctx.node_name).value
+        why = ", ".join(rules) if rules else _unused(ep, sets).value
         endpoints.append(
             EndpointStatus(
                 ep.ip,

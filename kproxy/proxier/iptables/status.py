@@ -1,7 +1,8 @@
 """The iptables mode's part of `kproxy status`: each Service port's chains, from its own render.
 
 `describe` renders each Service port (`render.render_service`, what a sync writes) and names its
-nat chains (SVC, SVL, EXT, FW, SEP) with their rule counts; `check` holds them against an
+nat chains (SVC, SVL, EXT, FW, SEP) with their rule counts, and how many of its rules sit in the shared
+chains (`KPROXY-SERVICES`: dispatch, and REJECT or DROP in filter); `check` holds them against an
 `iptables-save` listing: a chain missing, a rule count that differs, and (over the whole table)
 a Service chain nobody wants. Names and counts only, never rule text (iptables normalises it).
 """
@@ -13,9 +14,13 @@ from collections.abc import Mapping, Sequence
 from kproxy.model import ServicePortName
 from kproxy.node import NodeContext
 from kproxy.proxier import names
-from kproxy.proxier.iptables.render import LARGE_CLUSTER_ENDPOINTS, NAT, render_service, rule_count
+from kproxy.proxier.iptables.render import FILTER, LARGE_CLUSTER_ENDPOINTS, NAT, render_service, rule_count
 from kproxy.status import KernelObject
 from kproxy.view import FamilyView
+
+# Rules of a Service port in a chain every Service shares: shown, not checked (the chain's count
+# is every Service's).
+SHARED = "rules-in"
 
 
 def describe(view: FamilyView, ctx: NodeContext) -> dict[ServicePortName, tuple[KernelObject, ...]]:
@@ -23,7 +28,18 @@ def describe(view: FamilyView, ctx: NodeContext) -> dict[ServicePortName, tuple[
     out: dict[ServicePortName, tuple[KernelObject, ...]] = {}
     for name, svc in view.ports.items():
         rules = render_service(svc, view.endpoints.get(name, ()), ctx, large)
-        out[name] = tuple(KernelObject("chain", NAT, chain, rule_count(held)) for chain, held in rules.nat_chains)
+        found = [KernelObject("chain", NAT, chain, rule_count(held)) for chain, held in rules.nat_chains]
+        # Its rules in the shared chains (dispatch, REJECT, DROP, source ranges), counted per chain.
+        shared: dict[tuple[str, str], int] = {}
+        for table, lines in (
+            (NAT, rules.nat_services + rules.nat_nodeports),
+            (FILTER, rules.filter_services + rules.filter_external + rules.filter_nodeports + rules.filter_firewall),
+        ):
+            for line in lines:
+                chain = line.split(maxsplit=2)[1]
+                shared[(table, chain)] = shared.get((table, chain), 0) + 1
+        found += [KernelObject(SHARED, table, chain, n) for (table, chain), n in shared.items()]
+        out[name] = tuple(found)
     return out
 
 
