@@ -14,15 +14,16 @@ mode's own result type adds its fields (`log_fields` carries them into the sync'
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from kproxy.config import RunConfig
-    from kproxy.model import ClusterState, IPFamily
+    from kproxy.model import ClusterState, IPFamily, ServicePortName
     from kproxy.node import NodeContext
+    from kproxy.status import KernelObject
     from kproxy.view import FamilyView, Repair
 
 
@@ -86,6 +87,19 @@ class DataPlaneMode(Protocol):
         packet: tuple[str, str, int, str, str],
     ) -> list[str]:
         """`kproxy trace`: the rules `packet` (src, dst, port, proto, iface) meets, explained."""
+        ...
+
+    def describe(
+        self, cfg: RunConfig, view: FamilyView, ctx: NodeContext
+    ) -> Mapping[ServicePortName, Sequence[KernelObject]]:
+        """`kproxy status`, `/debug/services`: the kernel objects each Service port of `view`
+        needs, named from the mode's own render of it (pure)."""
+        ...
+
+    def check(self, cfg: RunConfig, family: IPFamily, expected: Sequence[KernelObject], complete: bool) -> list[str]:
+        """`kproxy status --check`: read this kernel's objects of `family` (names, keys and counts,
+        never rule text) and name each difference from `expected`; objects nobody expects too
+        when `complete` (`expected` covers every Service). Empty when they agree."""
         ...
 
     def cleanup(self, upstream: bool) -> str | None:

@@ -17,10 +17,12 @@ carries that line with its neighbours so the log shows what was refused without 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import subprocess
 from collections.abc import Iterable
+from typing import Any
 
 from kproxy.backends.nftnl import NftNetlink, TableProbe
 from kproxy.errors import BackendError
@@ -148,6 +150,23 @@ class Nft:
                 stderr=res.stderr[:4000],
                 context=context(script, res.stderr),
             )
+
+    def list_table(self, family: str, name: str) -> list[dict[str, Any]] | None:
+        """`nft -j list table`: the table's objects as nft's JSON gives them (`kproxy status
+        --check` only: it fetches the whole ruleset); None when there is no such table."""
+        argv = [self.binary, "-j", "list", "table", family, name]
+        res = _run(argv)
+        if res.returncode != 0:
+            if "No such file or directory" in res.stderr:
+                return None
+            raise BackendError(
+                "nft could not list the table", argv=tuple(argv), returncode=res.returncode, stderr=res.stderr
+            )
+        try:
+            listed = json.loads(res.stdout)
+        except ValueError as e:
+            raise BackendError("nft -j printed no JSON", argv=tuple(argv), stderr=res.stdout[:400]) from e
+        return list(listed.get("nftables", ()))
 
     def delete_table(self, family: str, name: str) -> bool:
         argv = [self.binary, "delete", "table", family, name]

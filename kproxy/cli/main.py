@@ -29,7 +29,12 @@ class _Commands(click.Group):
     """The command groups that live in their own modules are imported when named, not at start:
     `kproxy sync` should not pay for the ingress controller's and the daemon's imports."""
 
-    LAZY = {"run": "kproxy.cli.run:run", "lab": "kproxy.cli.lab:lab", "ingress": "kproxy.cli.ingress:ingress"}
+    LAZY = {
+        "run": "kproxy.cli.run:run",
+        "lab": "kproxy.cli.lab:lab",
+        "ingress": "kproxy.cli.ingress:ingress",
+        "status": "kproxy.cli.status:status",
+    }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.LAZY])

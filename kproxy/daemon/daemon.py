@@ -88,6 +88,7 @@ from kproxy.config import RunConfig
 from kproxy.conntrack import clean_stale_udp
 from kproxy.daemon.debug import Phases, SyncLog, SyncRecord
 from kproxy.daemon.health import ProxyHealth, ServiceHealthServers, serve_health
+from kproxy.daemon.services import ServiceTableFeed
 from kproxy.errors import BackendError, KproxyError
 from kproxy.families import kernel_families
 from kproxy.heap import keep_long_lived
@@ -267,6 +268,8 @@ class Daemon:
         self._servers: list[HTTPServer] = []
         self.syncs = 0
         self.sync_log = SyncLog()
+        # /debug/services: the Service table as last programmed (the mode names its objects).
+        self.service_table = ServiceTableFeed(mode.name, lambda view, ctx: mode.load().describe(cfg, view, ctx))
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -347,7 +350,11 @@ class Daemon:
             (
                 "healthz",
                 self.cfg.healthz_bind_address,
-                lambda a: serve_health(self.health, a, {"/debug/sync": self.sync_log.response}),
+                lambda a: serve_health(
+                    self.health,
+                    a,
+                    {"/debug/sync": self.sync_log.response, "/debug/services": self.service_table.response},
+                ),
             ),
             ("metrics", self.cfg.metrics_bind_address, lambda a: serve_metrics(self.metrics, a, self.cfg.proxy.mode)),
         ]
@@ -466,6 +473,7 @@ class Daemon:
         # Every family's view takes this checkout's changes before any family syncs: a failure
         # half-way must not leave a view behind the trackers.
         views = {f: v.update(snap.state, snap.changed, snap.slices_by_service) for f, v in self._views.items()}
+        self.service_table.staged(views)
         contexts = {f: self._context(f, node) for f in self.planes}
         jobs = {f: (plane.proxier, views[f], contexts[f]) for f, plane in self.planes.items()}
         try:
@@ -477,6 +485,7 @@ class Daemon:
         except BackendError as e:
             return self._failed(e, full, reason, started, started_wall, len(snap.changed))
         self._need_full = False
+        self.service_table.synced(views, contexts, started_wall)
         if not self._first_done:
             self._first_done = True
             self._leave_other_mode()

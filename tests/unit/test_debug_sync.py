@@ -187,3 +187,47 @@ def test_the_conntrack_cleanup_is_timed_and_counted_per_family(world: World, del
     world.clock.advance(SYNC_PERIOD)  # a sync with no UDP change does not clean again
     world.settle(daemon, 2)
     assert sample(daemon, "kubeproxy_conntrack_reconciler_sync_duration_seconds_count", ip_family="IPv4") == 1
+
+
+# -- /debug/services ---------------------------------------------------------------------------
+
+
+def debug_services(daemon: Daemon) -> dict[str, Any]:
+    port = daemon._servers[0].port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/debug/services", timeout=DEADLINE) as answer:
+        table: dict[str, Any] = json.load(answer)
+        return table
+
+
+@pytest.mark.parametrize("mode", ["iptables", "nftables", "ipvs"])
+def test_debug_services_shows_what_the_last_successful_sync_programmed(world: World, mode: str) -> None:
+    daemon = world.start(f"proxy-mode={mode}")
+    world.settle(daemon, 1)
+    table = debug_services(daemon)
+    assert (table["mode"], table["source"], table["node"]) == (mode, "daemon", "node-1")
+    assert table["lastSync"] is not None
+    (port,) = [p for p in table["servicePorts"] if p["family"] == 4]
+    assert [e["ip"] for e in port["endpoints"]] == ["10.0.1.10"]
+    assert port["kernelObjects"]
+    add_endpoint(world)
+    world.settle(daemon, 2)
+    (port,) = [p for p in debug_services(daemon)["servicePorts"] if p["family"] == 4]
+    assert [(e["ip"], e["usedFor"]) for e in port["endpoints"]] == [
+        ("10.0.1.10", ["cluster"]),
+        ("10.0.1.11", ["cluster"]),
+    ]
+    # A sync that fails is not shown as programmed; its retry is.
+    if mode == "iptables":
+        world.ipt.fail_next(1)
+    elif mode == "nftables":
+        world.nft.fail_next = "injected"
+    else:
+        return
+    world.api.update("endpointslices", endpoint_slice(endpoints=[endpoint("10.0.1.12", "node-1")]))
+    world.settle(daemon, 3)
+    (port,) = [p for p in debug_services(daemon)["servicePorts"] if p["family"] == 4]
+    assert [e["ip"] for e in port["endpoints"]] == ["10.0.1.10", "10.0.1.11"]
+    world.clock.advance(1.0)
+    world.settle(daemon, 4)
+    (port,) = [p for p in debug_services(daemon)["servicePorts"] if p["family"] == 4]
+    assert [e["ip"] for e in port["endpoints"]] == ["10.0.1.12"]

@@ -43,6 +43,14 @@ class FakeMode:
         self.calls.append(f"trace {packet}")
         return ["fake trace"]
 
+    def describe(self, cfg: Any, view: Any, ctx: Any) -> Any:
+        self.calls.append("describe")
+        return {}
+
+    def check(self, cfg: Any, family: Any, expected: Any, complete: bool) -> list[str]:
+        self.calls.append("check")
+        return []
+
     def cleanup(self, upstream: bool) -> str | None:
         self.calls.append(f"cleanup upstream={upstream}")
         return "fake: removed everything"
@@ -85,10 +93,13 @@ def test_a_registered_mode_is_run_synced_traced_and_cleaned_through_the_registry
         + ["--src", "203.0.113.10", "--dst", "172.30.0.41:80"],
     )
     assert (res.exit_code, res.output) == (0, "fake trace\n")
-    assert fake_mode.calls == [
+    res = runner.invoke(main, ["status", "--mode", "nftables", "--node", "node-1", "--state", state, "--check"])
+    assert res.exit_code == 0, res.output
+    assert fake_mode.calls[:2] == [
         "sync_once dry_run=True services=1",
         "trace ('203.0.113.10', '172.30.0.41', 80, 'tcp', 'eth0')",
     ]
+    assert set(fake_mode.calls[2:]) == {"describe", "check"}  # kproxy status asks the mode, per family
 
 
 def test_an_unregistered_mode_is_refused_the_same_way_by_run_and_sync(

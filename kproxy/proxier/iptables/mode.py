@@ -11,10 +11,15 @@ from kproxy.errors import BackendError
 from kproxy.model import IPFamily
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from kproxy.config import RunConfig
-    from kproxy.model import ClusterState
+    from kproxy.model import ClusterState, ServicePortName
     from kproxy.modes import ModeInfo
+    from kproxy.node import NodeContext
     from kproxy.proxier.iptables.proxier import IptablesProxier
+    from kproxy.status import KernelObject
+    from kproxy.view import FamilyView
 
 
 def node_variant(cfg: RunConfig, dry_run: bool) -> str:
@@ -76,6 +81,20 @@ class IptablesMode:
         view, ctx = family_inputs(cfg.proxy, cfg.bind_address, state, family, host)
         ruleset = ipt.render(view.ports, view.endpoints, ctx)
         return Tracer(ruleset, ctx.local_ips).trace(*packet).explain()
+
+    def describe(
+        self, cfg: RunConfig, view: FamilyView, ctx: NodeContext
+    ) -> dict[ServicePortName, tuple[KernelObject, ...]]:
+        from kproxy.proxier.iptables.status import describe
+
+        return describe(view, ctx)
+
+    def check(self, cfg: RunConfig, family: IPFamily, expected: Sequence[KernelObject], complete: bool) -> list[str]:
+        from kproxy.backends.iptables import Iptables
+        from kproxy.proxier.iptables.status import differences
+
+        saved = Iptables(family, node_variant(cfg, dry_run=False)).save(("filter", "nat"))
+        return differences(expected, saved.chains, saved.rule_counts, complete)
 
     def cleanup(self, upstream: bool) -> str | None:
         return None  # its chains are all `KPROXY-` chains, which cleanup removes for every mode

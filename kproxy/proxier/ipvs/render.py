@@ -554,6 +554,16 @@ def _render_port(
         S[SET_HEALTH_CHECK].add(str(svc.health_check_node_port))
 
 
+def port_objects(
+    svc: ServicePort, eps: tuple[Endpoint, ...], ctx: NodeContext, cfg: IpvsConfig, node_ips: tuple[str, ...]
+) -> tuple[tuple[VirtualServer, ...], dict[str, set[str]], dict[str, tuple[str, ...]]]:
+    """What one Service port contributes, as `render` computes it (`kproxy status`): its virtual
+    servers, its ipset entries by set base name, its nat chains. `node_ips`: `nodeport_addresses`."""
+    acc = _Acc()
+    _render_port(svc, eps, ctx, cfg.scheduler or DEFAULT_SCHEDULER, set(ctx.local_ips), node_ips, acc)
+    return tuple(acc.vss.values()), {b: e for b, e in acc.sets.items() if e}, acc.ext_chains
+
+
 def _rs_sort_key(rs: RealServer) -> tuple[int, int]:
     return (int(ipaddress.ip_address(rs.ip)), rs.port)
 

@@ -10,10 +10,15 @@ from typing import TYPE_CHECKING, Any
 from kproxy.model import IPFamily
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from kproxy.config import RunConfig
-    from kproxy.model import ClusterState
+    from kproxy.model import ClusterState, ServicePortName
     from kproxy.modes import ModeInfo
+    from kproxy.node import NodeContext
     from kproxy.proxier.nftables.proxier import NftablesProxier
+    from kproxy.status import KernelObject
+    from kproxy.view import FamilyView
 
 # kube-proxy's own nftables table, removed by `kproxy cleanup --upstream` for migrations.
 UPSTREAM_TABLE = "kube-proxy"
@@ -74,6 +79,22 @@ class NftablesMode:
 
         view, ctx = family_inputs(cfg.proxy, cfg.bind_address, state, family, host)
         return Tracer(nft.render(view.ports, view.endpoints, ctx), ctx.local_ips).trace(*packet).explain()
+
+    def describe(
+        self, cfg: RunConfig, view: FamilyView, ctx: NodeContext
+    ) -> dict[ServicePortName, tuple[KernelObject, ...]]:
+        from kproxy.proxier.nftables.status import describe
+
+        return describe(view, ctx)
+
+    def check(self, cfg: RunConfig, family: IPFamily, expected: Sequence[KernelObject], complete: bool) -> list[str]:
+        from kproxy.backends.nftables import Nft
+        from kproxy.proxier.nftables.names import TABLE
+        from kproxy.proxier.nftables.render import nft_family
+        from kproxy.proxier.nftables.status import differences
+
+        ipx = nft_family(family)
+        return differences(expected, Nft().list_table(ipx, TABLE), complete, f"{ipx} {TABLE}")
 
     def cleanup(self, upstream: bool) -> str | None:
         from kproxy.proxier.nftables.names import TABLE
