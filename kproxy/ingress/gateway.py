@@ -912,7 +912,8 @@ def _servers(attachments: list[_Attachment], gateways: list[_Gateway], reasons: 
                             field=f"spec.rules[{m.rule}].matches[{m.index}]",
                             conditions=m.conditions,
                             action=action,
-                            rank=(-precise, -len(a.hostname or ""), a.age, m.rule, m.index),
+                            host_rank=(-precise, -len(a.hostname or "")),
+                            rank=(a.age, m.rule, m.index),
                         )
                     )
             routes = list({(r.ingress, r.field): r for r in sorted(routes, key=lambda r: r.gateway_key)}.values())

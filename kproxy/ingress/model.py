@@ -311,17 +311,19 @@ class Route:
     canary: Canary | None = None
     conditions: Conditions = Conditions()
     action: GatewayAction | None = None
-    rank: tuple[Any, ...] = ()  # HTTPRoute precedence beyond the match itself (see gateway.py)
+    host_rank: tuple[int, int] = (0, 0)  # -(matching precise hostname length), -(hostname length)
+    rank: tuple[Any, ...] = ()  # HTTPRoute ties: route age, namespace/name, rule and match index
 
     @property
     def gateway_key(self) -> tuple[Any, ...]:
-        """Gateway API precedence among matches that all fit a request (smaller first): Exact
-        path, longest prefix, method, most headers, most query params, then `rank` (hostname
-        specificity, route age, namespace/name, rule and match index)."""
+        """Gateway API precedence among matches that all fit a request (smaller first): the
+        route with the longest matching precise, then any, hostname; then Exact path, longest
+        prefix, method, most headers, most query params; then `rank` (route age,
+        namespace/name, rule and match index)."""
         c = self.conditions
         exact = 0 if self.path_type is PathType.EXACT else 1
         method = 0 if c.method is not None else 1
-        return (exact, -len(self.path), method, -len(c.headers), -len(c.query), self.rank)
+        return (self.host_rank, exact, -len(self.path), method, -len(c.headers), -len(c.query), self.rank)
 
     def covers(self, loc: Location) -> bool:
         """This match fits every request nginx sends to `loc` (a Gateway location)."""
