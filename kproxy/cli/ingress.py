@@ -286,6 +286,17 @@ def _endpoints(objs: Iterable[dict[str, Any]], rejected: list[InvalidObject]) ->
 )
 @click.option("--worker-user", default="", help="user:group for nginx workers when run as root.")
 @click.option(
+    "--gateway-api",
+    is_flag=True,
+    help="Also serve Gateway API (GatewayClass, Gateway, HTTPRoute, ReferenceGrant); install the CRDs first.",
+)
+@click.option(
+    "--gateway-controller-name",
+    default="kproxy.io/gateway-controller",
+    show_default=True,
+    help="With --gateway-api: serve the GatewayClasses whose spec.controllerName is this.",
+)
+@click.option(
     "--min-sync-period",
     default=1.0,
     show_default=True,
@@ -336,6 +347,7 @@ def controller(**kw: Any) -> None:
         node_name=kw["node_name"],
         min_sync_period=kw["min_sync_period"],
         sync_period=kw["sync_period"],
+        gateway_controller=kw["gateway_controller_name"] if kw["gateway_api"] else "",
     )
     configuration = load_client_configuration(kw["kubeconfig"])
     ctl = IngressController(cfg, configuration)

@@ -976,3 +976,54 @@ def combine(ingress: RoutingTable, gateway: GatewayResult, options: GatewayOptio
         ours=ingress.ours,
         reasons=tuple(sorted(set(reasons), key=lambda r: (r.ref, r.field, r.message))),
     )
+
+
+# --- status writes -------------------------------------------------------------------------
+
+
+def _timed(wanted: list[Obj], current: list[Any], now: str) -> list[Obj]:
+    """`wanted` conditions with ``lastTransitionTime``: kept from `current` while the condition's
+    status is unchanged (Kubernetes condition convention), else `now`."""
+    old = {c.get("type"): c for c in current if isinstance(c, Mapping)}
+    out = []
+    for c in wanted:
+        prev = old.get(c["type"])
+        same = prev is not None and prev.get("status") == c["status"] and prev.get("lastTransitionTime")
+        out.append({**c, "lastTransitionTime": prev["lastTransitionTime"] if same and prev else now})
+    return out
+
+
+def _untimed(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {k: _untimed(x) for k, x in v.items() if k != "lastTransitionTime"}
+    if isinstance(v, list):
+        return [_untimed(x) for x in v]
+    return v
+
+
+def status_update(kind: str, current: Any, wanted: Mapping[str, Any], controller: str, now: str) -> Obj | None:
+    """The status to write for one object, or None when it already says what we want (so a
+    status is written only on change). HTTPRoute: other controllers' ``parents`` entries are
+    kept untouched; ours are replaced."""
+    cur = current if isinstance(current, Mapping) else {}
+    if kind == "HTTPRoute":
+        theirs = [p for p in _list(cur.get("parents")) if _map(p).get("controllerName") != controller]
+        ours_now = {
+            repr(sorted(_map(p.get("parentRef")).items())): p
+            for p in _list(cur.get("parents"))
+            if _map(p).get("controllerName") == controller
+        }
+        parents = []
+        for p in wanted["parents"]:
+            prev = ours_now.get(repr(sorted(p["parentRef"].items())), {})
+            parents.append({**p, "conditions": _timed(p["conditions"], _list(_map(prev).get("conditions")), now)})
+        new: Obj = {**cur, "parents": theirs + parents}
+    else:
+        new = {**cur, **wanted, "conditions": _timed(wanted["conditions"], _list(cur.get("conditions")), now)}
+        if "listeners" in wanted:
+            old_ls = {_map(x).get("name"): _map(x) for x in _list(cur.get("listeners"))}
+            new["listeners"] = [
+                {**ls, "conditions": _timed(ls["conditions"], _list(old_ls.get(ls["name"], {}).get("conditions")), now)}
+                for ls in wanted["listeners"]
+            ]
+    return None if _untimed(new) == _untimed(dict(cur)) else new
