@@ -110,6 +110,12 @@ def _absolute(path: str, flag: str) -> str:
     help="service: one upstream per Service ClusterIP (kproxy balances); endpoints: the ready endpoints.",
 )
 @class_flags
+@click.option(
+    "--gateway-controller-name",
+    default="kproxy.io/gateway-controller",
+    show_default=True,
+    help="Serve the GatewayClasses whose spec.controllerName is this (Gateway API).",
+)
 @click.option("--strict", is_flag=True, help="Exit 2 if any object, path or annotation was rejected.")
 @exits
 def render(
@@ -121,9 +127,10 @@ def render(
     ingress_class: str | None,
     controller_class: str,
     watch_ingress_without_class: bool,
+    gateway_controller_name: str,
     strict: bool,
 ) -> None:
-    """Print the nginx configuration for the Ingresses in --state."""
+    """Print the nginx configuration for the Ingresses and Gateway API routes in --state."""
     from kproxy.log import setup
 
     setup(level="error")
@@ -143,6 +150,7 @@ def render(
         objects.get("IngressClass", []),
         _class_options(ingress_class, controller_class, watch_ingress_without_class),
     )
+    table = _with_gateway(table, objects, services, gateway_controller_name, http_port, _https_port(https_port))
     kw: dict[str, Any] = {
         "http_port": http_port,
         "https_port": _https_port(https_port),
@@ -171,6 +179,37 @@ def render(
     click.echo(cfg.text, nl=False)
     if strict and (rejected or reasons):
         raise InputError(f"{len(rejected) + len(reasons)} object(s) or part(s) rejected and --strict given")
+
+
+GATEWAY_KINDS = ("GatewayClass", "Gateway", "HTTPRoute", "ReferenceGrant")
+
+
+def _with_gateway(
+    table: Any,
+    objects: Mapping[str, list[dict[str, Any]]],
+    services: list[Any],
+    controller: str,
+    http_port: int,
+    https_port: int | None,
+) -> Any:
+    """The Ingress table plus the Gateway API servers (Gateway listener ports are served as
+    written; the Ingress ports are the conflict boundary of `gateway.combine`)."""
+    if not any(objects.get(k) for k in GATEWAY_KINDS):
+        return table
+    from kproxy.ingress.gateway import GatewayOptions, build_gateway, combine
+
+    opts = GatewayOptions(controller=controller, ingress_http_port=http_port, ingress_https_port=https_port)
+    result = build_gateway(
+        objects.get("GatewayClass", []),
+        objects.get("Gateway", []),
+        objects.get("HTTPRoute", []),
+        services,
+        objects.get("Secret", []),
+        objects.get("ReferenceGrant", []),
+        objects.get("Namespace", []),
+        opts,
+    )
+    return combine(table, result, opts)
 
 
 def _services(objs: Iterable[dict[str, Any]]) -> tuple[list[Any], list[InvalidObject]]:
@@ -247,6 +286,17 @@ def _endpoints(objs: Iterable[dict[str, Any]], rejected: list[InvalidObject]) ->
 )
 @click.option("--worker-user", default="", help="user:group for nginx workers when run as root.")
 @click.option(
+    "--gateway-api",
+    is_flag=True,
+    help="Also serve Gateway API (GatewayClass, Gateway, HTTPRoute, ReferenceGrant); install the CRDs first.",
+)
+@click.option(
+    "--gateway-controller-name",
+    default="kproxy.io/gateway-controller",
+    show_default=True,
+    help="With --gateway-api: serve the GatewayClasses whose spec.controllerName is this.",
+)
+@click.option(
     "--min-sync-period",
     default=1.0,
     show_default=True,
@@ -297,6 +347,7 @@ def controller(**kw: Any) -> None:
         node_name=kw["node_name"],
         min_sync_period=kw["min_sync_period"],
         sync_period=kw["sync_period"],
+        gateway_controller=kw["gateway_controller_name"] if kw["gateway_api"] else "",
     )
     configuration = load_client_configuration(kw["kubeconfig"])
     ctl = IngressController(cfg, configuration)

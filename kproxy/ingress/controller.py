@@ -75,6 +75,7 @@ class ControllerConfig:
     reload_timeout: float = 10.0
     watchdog_period: float = 2.0
     stop_nginx: bool = True  # on stop(); False leaves it serving for the next controller to adopt
+    gateway_controller: str = ""  # Gateway API: serve GatewayClasses with this controllerName ("" off)
 
 
 def parse_status_addresses(text: str) -> tuple[str, ...]:
@@ -208,6 +209,10 @@ class IngressController:
             resources.append(ENDPOINT_SLICES)
         if not cfg.publish_status_address:
             resources.append(NODES)
+        if cfg.gateway_controller:
+            from kproxy.sources.kube import GATEWAY_CLASSES, GATEWAYS, HTTP_ROUTES, NAMESPACES, REFERENCE_GRANTS
+
+            resources += [GATEWAY_CLASSES, GATEWAYS, HTTP_ROUTES, REFERENCE_GRANTS, NAMESPACES]
         self._reflectors = {}
         self._stores = {}
         self._synced: dict[str, threading.Event] = {}
@@ -229,6 +234,7 @@ class IngressController:
         self._services_memo: dict[str, tuple[str, Service | None]] = {}
         self._logged_reasons: set[Reason] = set()
         self._published: dict[IngressRef, list[Obj]] = {}
+        self._gateway_result: Any = None
         self._recorder = Recorder(writer, uid_of=self._uid_of, on_error=self.metrics.api_errors.inc)
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
@@ -317,13 +323,36 @@ class IngressController:
         return merged
 
     def build(self) -> RoutingTable:
-        return build_routes(
+        services = self._services()
+        table = build_routes(
             self._stores["ingress"].objects(),
-            self._services(),
+            services,
             self._stores["secret"].objects(),
             self._stores["ingress_class"].objects(),
             self.cfg.classes,
         )
+        if not self.cfg.gateway_controller:
+            return table
+        from kproxy.ingress.gateway import GatewayOptions, build_gateway, combine
+
+        o = self.cfg.nginx
+        opts = GatewayOptions(
+            controller=self.cfg.gateway_controller,
+            addresses=self.status_addresses(),
+            ingress_http_port=next((lp for lp, np in o.gateway_ports if np == o.http_port), o.http_port),
+            ingress_https_port=next((lp for lp, np in o.gateway_ports if np == o.https_port), o.https_port),
+        )
+        self._gateway_result = build_gateway(
+            self._stores["gateway_class"].objects(),
+            self._stores["gateway"].objects(),
+            self._stores["http_route"].objects(),
+            services,
+            self._stores["secret"].objects(),
+            self._stores["reference_grant"].objects(),
+            self._stores["namespace"].objects(),
+            opts,
+        )
+        return combine(table, self._gateway_result, opts)
 
     def _sync(self) -> bool:
         if not self._all_synced() or self._stop.is_set():
@@ -340,7 +369,36 @@ class IngressController:
         self._report(result)
         if self.ready.is_set():
             self._publish_status(result.table)
+            if self._gateway_result is not None:
+                self._publish_gateway_status(self._gateway_result)
         return result.ok
+
+    def _publish_gateway_status(self, result: Any) -> None:
+        """Gateway API status of every object we own, written only when it changes."""
+        from datetime import UTC, datetime
+
+        from kproxy.ingress.gateway import status_update
+
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stores = {"GatewayClass": "gateway_class", "Gateway": "gateway", "HTTPRoute": "http_route"}
+        plurals = {"GatewayClass": "gatewayclasses", "Gateway": "gateways", "HTTPRoute": "httproutes"}
+        for key, wanted in result.statuses:
+            store = self._stores[stores[key.kind]]
+            obj = store.get(f"{key.namespace}/{key.name}" if key.namespace else key.name)
+            if obj is None:
+                continue
+            new = status_update(key.kind, obj.get("status"), wanted, self.cfg.gateway_controller, now)
+            if new is None:
+                continue
+            try:
+                self.writer.patch_gateway_status(plurals[key.kind], key.namespace, key.name, new)
+            except KproxyError as e:
+                self.metrics.api_errors.inc()
+                log.warning("gateway_status_failed", object=str(key), error=str(e))
+                self.runner.run()
+                continue
+            self.metrics.status_updates.inc()
+            log.info("gateway_status_updated", object=str(key))
 
     # --- reporting
 

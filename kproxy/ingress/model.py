@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from kproxy.model import ServicePort
 
@@ -58,11 +60,14 @@ class BackendProtocol(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True, order=True)
 class IngressRef:
+    """The object a route came from: an Ingress, or (`kind` ``HTTPRoute``) a Gateway API route."""
+
     namespace: str
     name: str
+    kind: str = "Ingress"
 
     def __str__(self) -> str:
-        return f"Ingress {self.namespace}/{self.name}"
+        return f"{self.kind} {self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,8 +210,95 @@ class TLSCertificate:
 
 
 @dataclass(frozen=True, slots=True)
+class Conditions:
+    """What an HTTPRoute match asks of a request besides its path (all must hold): an exact
+    method, exact header values (names lowercase, compared case-insensitively as HTTP does),
+    exact query parameter values (names case-sensitive, as the Gateway API says)."""
+
+    method: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    query: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return self.method is None and not self.headers and not self.query
+
+    def holds(self, method: str, headers: Mapping[str, str], query: Sequence[tuple[str, str]]) -> bool:
+        """The same test the rendered maps make (first header value, any query occurrence)."""
+        if self.method is not None and method != self.method:
+            return False
+        low = {k.lower(): v for k, v in headers.items()}
+        if any(low.get(k) != v for k, v in self.headers):
+            return False
+        return all((k, v) in query for k, v in self.query)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderEdits:
+    """RequestHeaderModifier / ResponseHeaderModifier: names as written, values literal data."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PathEdit:
+    """``ReplaceFullPath`` (the whole path becomes `value`) or ``ReplacePrefixMatch`` (the
+    matched prefix `prefix` is replaced by `value`, element-wise)."""
+
+    kind: str
+    value: str
+    prefix: str = "/"
+
+    def apply(self, path: str) -> str:
+        if self.kind == "ReplaceFullPath":
+            return self.value
+        rest = path[len(self.prefix) :] if self.prefix != "/" else path
+        if not rest:
+            return self.value
+        return (self.value.rstrip("/") + rest) or "/"
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """RequestRedirect, with the port already derived as the spec says (None: no port in the
+    Location header, because it is the scheme's well-known one)."""
+
+    scheme: str
+    hostname: str | None
+    port: int | None
+    path: PathEdit | None
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedBackend:
+    backend: Backend
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayAction:
+    """What an HTTPRoute rule does with a request it matched. `backends` empty (or every weight
+    0, or the weighted pick landing on an invalid backend) answers 500, as the spec requires;
+    a redirect answers without any backend."""
+
+    backends: tuple[WeightedBackend, ...] = ()
+    request_headers: HeaderEdits | None = None
+    response_headers: HeaderEdits | None = None
+    redirect: Redirect | None = None
+    rewrite_host: str | None = None
+    rewrite_path: PathEdit | None = None
+    timeout_ms: int | None = None
+    rule: int = 0
+    match: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
-    """One path of one rule of one Ingress, on one host ("" is the catch-all server)."""
+    """One path of one rule of one Ingress (or one match of one HTTPRoute rule, `action` set), on
+    one host ("" is the catch-all server)."""
 
     host: str
     path: str
@@ -217,6 +309,27 @@ class Route:
     field: str
     options: RouteOptions = RouteOptions()
     canary: Canary | None = None
+    conditions: Conditions = Conditions()
+    action: GatewayAction | None = None
+    host_rank: tuple[int, int] = (0, 0)  # -(matching precise hostname length), -(hostname length)
+    rank: tuple[Any, ...] = ()  # HTTPRoute ties: route age, namespace/name, rule and match index
+
+    @property
+    def gateway_key(self) -> tuple[Any, ...]:
+        """Gateway API precedence among matches that all fit a request (smaller first): the
+        route with the longest matching precise, then any, hostname; then Exact path, longest
+        prefix, method, most headers, most query params; then `rank` (route age,
+        namespace/name, rule and match index)."""
+        c = self.conditions
+        exact = 0 if self.path_type is PathType.EXACT else 1
+        method = 0 if c.method is not None else 1
+        return (self.host_rank, exact, -len(self.path), method, -len(c.headers), -len(c.query), self.rank)
+
+    def covers(self, loc: Location) -> bool:
+        """This match fits every request nginx sends to `loc` (a Gateway location)."""
+        if self.path_type is PathType.EXACT:
+            return loc.modifier == "=" and loc.pattern == self.path
+        return self.path == "/" or loc.pattern == self.path or loc.pattern.startswith(self.path + "/")
 
     @property
     def conflict_key(self) -> tuple[str, str]:
@@ -262,10 +375,62 @@ class ServerTLS:
 
 @dataclass(frozen=True, slots=True)
 class Server:
+    """One nginx server block. `port` 0: an Ingress host, served on the HTTP and HTTPS ports of
+    the options; else a Gateway listener's port (`https`: TLS is terminated there), whose routes
+    are HTTPRoute matches (`Route.action` set) picked with the Gateway API precedence."""
+
     host: str
     routes: tuple[Route, ...] = ()
     fallback: Route | None = None  # an Ingress defaultBackend; None: the controller's 404
     tls: ServerTLS | None = None
+    port: int = 0
+    https: bool = False
+
+    @property
+    def gateway(self) -> bool:
+        return self.port != 0
+
+    def gateway_locations(self) -> tuple[tuple[Location, tuple[Route, ...]], ...]:
+        """Gateway server: one location per distinct match path, each with every match that fits
+        all of its requests, in precedence order (the first whose conditions hold serves).
+
+        Exact ``p`` → ``= p``; PathPrefix ``p`` → ``p/`` and ``= p`` (element-wise prefix); a
+        location ending in ``/`` also gets its exact twin without the slash, so nginx never
+        answers with its own 301; ``/`` always exists (404 when nothing fits)."""
+        locs: set[Location] = {Location("", "/")}
+        for r in self.routes:
+            if r.path_type is PathType.EXACT:
+                locs.add(Location("=", r.path))
+            elif r.path != "/":
+                locs.add(Location("", r.path + "/"))
+                locs.add(Location("=", r.path))
+        for loc in list(locs):
+            if loc.pattern.endswith("/") and loc.pattern != "/":
+                locs.add(Location("=", loc.pattern[:-1]))
+        ordered = sorted(self.routes, key=lambda r: r.gateway_key)
+        out = []
+        for loc in sorted(locs, key=lambda x: (x.pattern, x.modifier)):
+            out.append((loc, tuple(r for r in ordered if r.covers(loc))))
+        return tuple(out)
+
+    def gateway_match(
+        self, path: str, method: str = "GET", headers: Mapping[str, str] | None = None, query: str = ""
+    ) -> Route | None:
+        """The match nginx serves for a normalized path: its location, then the first
+        candidate whose conditions hold; None is a 404."""
+        locs = self.gateway_locations()
+        chosen = next((c for loc, c in locs if loc.modifier == "=" and loc.pattern == path), None)
+        if chosen is None:
+            best = max(
+                (loc for loc, _ in locs if loc.modifier == "" and path.startswith(loc.pattern)),
+                key=lambda loc: len(loc.pattern),
+            )
+            chosen = dict(locs)[best]
+        pairs = [tuple(p.split("=", 1)) if "=" in p else (p, "") for p in query.split("&") if p]
+        for r in chosen:
+            if r.conditions.holds(method, headers or {}, pairs):  # type: ignore[arg-type]
+                return r
+        return None
 
     @property
     def is_catch_all(self) -> bool:
@@ -374,19 +539,15 @@ class RoutingTable:
 
     def server(self, host: str) -> Server | None:
         for s in self.servers:
-            if s.host == host:
+            if s.host == host and s.port == 0:
                 return s
         return None
 
     def server_for(self, host_header: str) -> Server:
-        """The server nginx selects for a Host header: exact name, else the wildcard covering
-        exactly one more DNS label, else the catch-all."""
-        host = host_header.lower().rstrip(".")
-        if host.startswith("["):
-            host = host[: host.find("]") + 1]
-        elif ":" in host:
-            host = host.rsplit(":", 1)[0]
-        by_host = {s.host: s for s in self.servers}
+        """The Ingress server nginx selects for a Host header: exact name, else the wildcard
+        covering exactly one more DNS label, else the catch-all."""
+        host = _bare_host(host_header)
+        by_host = {s.host: s for s in self.servers if s.port == 0}
         if host and host in by_host:
             return by_host[host]
         if "." in host:
@@ -395,10 +556,36 @@ class RoutingTable:
                 return by_host[wild]
         return by_host[""]
 
+    def gateway_server_for(self, port: int, host_header: str) -> Server | None:
+        """The Gateway server nginx selects on a listener port: exact name, else the longest
+        wildcard (``*.example.com`` covers any number of labels, as Gateway listeners do), else
+        the port's catch-all; None when no listener uses the port."""
+        host = _bare_host(host_header)
+        by_host = {s.host: s for s in self.servers if s.port == port}
+        if not by_host:
+            return None
+        if host in by_host:
+            return by_host[host]
+        labels = host.split(".")
+        for i in range(1, len(labels)):
+            wild = "*." + ".".join(labels[i:])
+            if wild in by_host:
+                return by_host[wild]
+        return by_host.get("")
+
     def match(self, host_header: str, path: str) -> Match:
         server = self.server_for(host_header)
         loc, route = server.match(path)
         return Match(server, loc, route)
+
+
+def _bare_host(host_header: str) -> str:
+    host = host_header.lower().rstrip(".")
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    if ":" in host:
+        return host.rsplit(":", 1)[0]
+    return host
 
 
 def ingress_age_key(created: datetime | None, ref: IngressRef) -> tuple[int, datetime, str, str]:

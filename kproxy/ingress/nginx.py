@@ -41,11 +41,14 @@ from kproxy.ingress.model import (
     Backend,
     BackendProtocol,
     Canary,
+    HeaderEdits,
     Location,
+    PathEdit,
     Reason,
     Route,
     RoutingTable,
     Server,
+    regex_escape,
 )
 from kproxy.model import Endpoint, ServicePortName
 
@@ -83,6 +86,12 @@ class NginxOptions:
     http2: bool = True
     upstream_keepalive: int = 32
     limit_zone_size: str = "5m"
+    # Gateway listener port → the port nginx listens on (identity when absent), so a Gateway's
+    # port 80 can be served on another port (tests, hostPort remapping).
+    gateway_ports: tuple[tuple[int, int], ...] = ()
+
+    def listen_port(self, listener_port: int) -> int:
+        return dict(self.gateway_ports).get(listener_port, listener_port)
 
     def __post_init__(self) -> None:
         for port in (self.http_port, self.https_port):
@@ -145,8 +154,18 @@ def render(
 
 # --- quoting -------------------------------------------------------------------------------
 
-_SCRIPT_VARS = ("host", "request_uri", "http_origin", "kproxy_upstream")
-_SCRIPT_DOLLAR = re.compile(r"\$(?:[1-9]|(?:" + "|".join(_SCRIPT_VARS) + r")(?![A-Za-z0-9_]))")
+_SCRIPT_VARS = (
+    "host",
+    "request_uri",
+    "http_origin",
+    "kproxy_upstream",
+    "kproxy_path",
+    "is_args",
+    "args",
+)
+_SCRIPT_DOLLAR = re.compile(
+    r"\$(?:[1-9]|(?:" + "|".join(_SCRIPT_VARS) + r"|kproxy_split_[0-9a-f]{16})(?![A-Za-z0-9_]))"
+)
 _NAME = re.compile(r"[A-Za-z0-9_]{1,200}")
 
 
@@ -180,6 +199,18 @@ def _script(s: str) -> str:
     if s.count("$") != len(_SCRIPT_DOLLAR.findall(s)):
         raise UnsafeValue(f"unexpected $ in {s[:60]!r}")
     return _quote(s)
+
+
+def _value(s: str) -> str:
+    """Literal data in a position nginx expands (header values, redirect targets): quoted, and
+    each `$` written as ``${kproxy_dollar}``, a variable that holds a plain dollar sign."""
+    _check_text(s)
+    return _quote(s.replace("$", "${kproxy_dollar}"))
+
+
+def _pcre_literal(s: str) -> str:
+    """`s` as a PCRE that matches exactly it: every non-alphanumeric character escaped."""
+    return "".join(c if c.isalnum() else "\\" + c for c in s)
 
 
 _SIZE = re.compile(r"[0-9]{1,9}[kmg]?")
@@ -259,14 +290,21 @@ class _Renderer:
         self.files: dict[str, FileSpec] = {}
         self.reasons: set[Reason] = set()
         self.http_blocks: dict[str, list[str]] = {}  # sorted name → pre-rendered http-level lines
+        self.gateway_defaults: set[int] = set()
+        self.dollar = False
 
     # --- entry
 
     def run(self) -> NginxConfig:
         servers = _Writer()
         servers.depth = 1
+        # A Gateway catch-all takes its port's default server from the (then unused) Ingress one.
+        self.gateway_defaults = {self.o.listen_port(s.port) for s in self.table.servers if s.gateway and s.is_catch_all}
         for s in self.table.servers:
-            self.server(servers, s)
+            if s.gateway:
+                self.gateway_server(servers, s)
+            else:
+                self.server(servers, s)
         w = _Writer()
         self.main(w)
         w.open("http")
@@ -347,6 +385,10 @@ class _Renderer:
             w.line("proxy_set_header", name, value)
         for name, value in headers[:7]:
             w.line("grpc_set_header", name, value)
+        if self.dollar:
+            w.open("geo", "$kproxy_dollar")
+            w.line("default", '"$"')
+            w.close()
         w.line("limit_req_status", "503")
         w.line("limit_conn_status", "503")
         if o.https_port is not None:
@@ -366,36 +408,234 @@ class _Renderer:
 
     def server(self, w: _Writer, s: Server) -> None:
         o = self.o
+        http = not (s.is_catch_all and o.http_port in self.gateway_defaults)
+        tls = o.https_port is not None and (s.is_catch_all or s.tls is not None)
+        tls = tls and not (s.is_catch_all and o.https_port in self.gateway_defaults)
+        if not http and not tls:
+            return  # both ports' default servers are Gateway catch-alls
         w.blank()
         w.open("server")
         name = self._server_name(s)
         w.line("server_name", _re(name) if name.startswith("~") else _q(name))
         default = " default_server" if s.is_catch_all else ""
-        for a in sorted(o.listen_addresses):
-            w.line("listen", _addr(a, o.http_port) + default)
-        tls = o.https_port is not None and (s.is_catch_all or s.tls is not None)
+        if http:
+            for a in sorted(o.listen_addresses):
+                w.line("listen", _addr(a, o.http_port) + default)
         if tls:
             assert o.https_port is not None
             flags = " ssl" + (" http2" if o.http2 else "") + default
             for a in sorted(o.listen_addresses):
                 w.line("listen", _addr(a, o.https_port) + flags)
-            cert = s.tls.cert if s.tls is not None else None
-            if cert is not None:
-                digest = hashlib.sha256((cert.cert_pem + cert.key_pem).encode()).hexdigest()[:12]
-                base = f"{o.cert_dir}/tls_{cert.secret_namespace}_{cert.secret_name}_{digest}"
-                self.files[base + ".crt"] = FileSpec(cert.cert_pem.encode(), 0o644)
-                self.files[base + ".key"] = FileSpec(cert.key_pem.encode(), 0o600)
-                w.line("ssl_certificate", _q(base + ".crt"))
-                w.line("ssl_certificate_key", _q(base + ".key"))
-            elif o.default_certificate is not None:
-                w.line("ssl_certificate", _q(o.default_certificate[0]))
-                w.line("ssl_certificate_key", _q(o.default_certificate[1]))
-            else:
-                # No certificate to offer: refuse the handshake rather than serve a wrong one.
-                w.line("ssl_reject_handshake", "on")
+            self.certificate(w, s)
         for loc, route in s.locations():
             self.location(w, s, loc, route)
         w.close()
+
+    def certificate(self, w: _Writer, s: Server) -> None:
+        o = self.o
+        cert = s.tls.cert if s.tls is not None else None
+        if cert is not None:
+            digest = hashlib.sha256((cert.cert_pem + cert.key_pem).encode()).hexdigest()[:12]
+            base = f"{o.cert_dir}/tls_{cert.secret_namespace}_{cert.secret_name}_{digest}"
+            self.files[base + ".crt"] = FileSpec(cert.cert_pem.encode(), 0o644)
+            self.files[base + ".key"] = FileSpec(cert.key_pem.encode(), 0o600)
+            w.line("ssl_certificate", _q(base + ".crt"))
+            w.line("ssl_certificate_key", _q(base + ".key"))
+        elif o.default_certificate is not None:
+            w.line("ssl_certificate", _q(o.default_certificate[0]))
+            w.line("ssl_certificate_key", _q(o.default_certificate[1]))
+        else:
+            # No certificate to offer: refuse the handshake rather than serve a wrong one.
+            w.line("ssl_reject_handshake", "on")
+
+    # --- Gateway servers
+
+    def gateway_server(self, w: _Writer, s: Server) -> None:
+        """A Gateway listener host: each location tries its candidate matches in precedence
+        order (``if`` on a map variable that is "1" when all conditions hold, ``return`` of a
+        private code), and ``error_page`` sends the request, method and body intact, to the
+        match's named location, which applies the filters and proxies. No candidate: 404."""
+        o = self.o
+        w.blank()
+        w.open("server")
+        w.line("server_name", _q("_" if s.is_catch_all else s.host))
+        flags = (" ssl" + (" http2" if o.http2 else "")) if s.https else ""
+        default = " default_server" if s.is_catch_all else ""
+        for a in sorted(o.listen_addresses):
+            w.line("listen", _addr(a, o.listen_port(s.port)) + flags + default)
+        if s.https:
+            self.certificate(w, s)
+        named: dict[str, Route] = {}
+        for loc, cands in s.gateway_locations():
+            if loc.modifier == "=":
+                w.open("location", "=", _q(loc.pattern))
+            else:
+                w.open("location", _q(loc.pattern))
+            tail = "404"
+            for i, r in enumerate(cands[:_MAX_CANDIDATES]):
+                code = str(_FIRST_CODE + i)
+                name = self.named(r)
+                named[name] = r
+                w.line("error_page", code, "=", "@" + name)
+                if r.conditions.empty:
+                    tail = code
+                    break
+                w.open("if", f"(${self.conditions_var(r)})")
+                w.line("return", code)
+                w.close()
+            w.line("return", tail)
+            w.close()
+        for name in sorted(named):
+            w.open("location", "@" + name)
+            try:
+                self.gateway_action(w, s, named[name])
+            finally:
+                w.close()
+        w.close()
+
+    @staticmethod
+    def named(r: Route) -> str:
+        a = r.action
+        assert a is not None
+        return _ident("kproxy", r.ingress.namespace, r.ingress.name, str(a.rule), str(a.match))
+
+    def _map_block(self, prefix: str, source: str, key: str, value: str = '"1"', default: str = '"0"') -> str:
+        digest = hashlib.sha256(f"{source} {key} {value}".encode()).hexdigest()[:16]
+        var = _name(f"{prefix}_{digest}")
+        self.http_blocks[f"map {var}"] = [
+            f"    map {source} ${var} {{",
+            f"        default {default};",
+            f"        {key} {value};",
+            "    }",
+        ]
+        return var
+
+    def conditions_var(self, r: Route) -> str:
+        """A variable that is "1" exactly when every condition of `r` holds."""
+        c = r.conditions
+        parts = []
+        if c.method is not None:
+            parts.append(self._map_block("kproxy_m", "$request_method", _re("~^" + _pcre_literal(c.method) + "$")))
+        for hname, value in c.headers:
+            var = "$http_" + _name(hname.lower().replace("-", "_"))
+            parts.append(self._map_block("kproxy_h", var, _re("~^" + _pcre_literal(value) + "$")))
+        for qname, value in c.query:
+            rx = "~(?:^|&)" + _pcre_literal(qname) + "=" + _pcre_literal(value) + "(?:&|$)"
+            parts.append(self._map_block("kproxy_q", "$args", _re(rx)))
+        source = '"' + "".join(f"${p}" for p in parts) + '"'
+        return self._map_block("kproxy_c", source, '"' + "1" * len(parts) + '"', '"1"', '""')
+
+    def gateway_action(self, w: _Writer, s: Server, r: Route) -> None:
+        a = r.action
+        assert a is not None
+        if a.redirect is not None:
+            rd = a.redirect
+            target = f"{rd.scheme}://"
+            host = "$host" if rd.hostname is None else rd.hostname
+            port = f":{int(rd.port)}" if rd.port is not None else ""
+            if rd.path is None:
+                path = "$request_uri"
+            else:
+                self.path_edit(w, rd.path)
+                path = "$kproxy_path$is_args$args"
+            # Only validated hostnames and the variables above are in the target; the path
+            # computed from user data went through `path_edit`'s quoting.
+            w.line("return", str(int(rd.status)), _script(target + host + port + path))
+            return
+        shares = self.shares(r)
+        if shares is None:
+            w.line("return", "500")  # spec: a rule with no usable backend answers 500
+            return
+        target = shares
+        if target.startswith("$"):
+            w.open("if", f'({target} = "")')
+            w.line("return", "500")  # the weighted pick landed on an invalid backend
+            w.close()
+        if a.rewrite_path is not None:
+            self.path_edit(w, a.rewrite_path)
+            w.line("rewrite", _re("^"), "$kproxy_path", "break")
+        if a.request_headers is not None or a.rewrite_host is not None:
+            self.request_headers(w, r, a.request_headers or HeaderEdits(), a.rewrite_host)
+        if a.response_headers is not None:
+            h = a.response_headers
+            for name in [n for n, _ in h.set] + list(h.remove):
+                w.line("proxy_hide_header", _q(name))
+            for name, value in list(h.set) + list(h.add):
+                self.dollar = self.dollar or "$" in value
+                w.line("add_header", _q(name), _value(value), "always")
+        if a.timeout_ms is not None:
+            ms = a.timeout_ms or 86_400_000  # 0: no timeout (one day, nginx needs a value)
+            w.line("proxy_connect_timeout", f"{min(int(ms), 75_000)}ms")
+            w.line("proxy_send_timeout", f"{int(ms)}ms")
+            w.line("proxy_read_timeout", f"{int(ms)}ms")
+        w.line("proxy_pass", _script("http://" + target))
+
+    def path_edit(self, w: _Writer, edit: PathEdit) -> None:
+        """Set ``$kproxy_path`` to the edited path (`PathEdit.apply`, in nginx)."""
+        if edit.kind == "ReplaceFullPath":
+            w.line("set", "$kproxy_path", _q(edit.value))
+            return
+        w.line("set", "$kproxy_path", _q(edit.value))
+        head = edit.value.rstrip("/")
+        rx = "^(/.*)$" if edit.prefix == "/" else "^" + regex_escape(edit.prefix) + "(/.*)$"
+        w.open("if", f"($uri ~ {_re(rx)})")
+        w.line("set", "$kproxy_path", _script(head + "$1"))
+        w.close()
+
+    def request_headers(self, w: _Writer, r: Route, edits: HeaderEdits, host: str | None) -> None:
+        """proxy_set_header in a location replaces the whole inherited list: emit ours again
+        with the edits applied (set replaces, add appends with ",", remove sends nothing)."""
+        out: dict[str, tuple[str, str]] = {n.lower(): (n, v) for n, v in _BASE_HEADERS}
+        if host is not None:
+            out["host"] = ("Host", _q(host))
+        for name, value in edits.set:
+            self.dollar = self.dollar or "$" in value
+            out[name.lower()] = (name, _value(value))
+        for name, value in edits.add:
+            self.dollar = self.dollar or "$" in value
+            var = "$http_" + _name(name.lower().replace("-", "_"))
+            digest = hashlib.sha256(f"{name} {value}".encode()).hexdigest()[:16]
+            mv = _name(f"kproxy_add_{digest}")
+            joined = _value(value)
+            self.http_blocks[f"map {mv}"] = [
+                f"    map {var} ${mv} {{",
+                f"        default {joined[0]}{var},{joined[1:]};",
+                f'        "" {joined};',
+                "    }",
+            ]
+            out[name.lower()] = (name, f"${mv}")
+        for name in edits.remove:
+            out[name.lower()] = (name, '""')
+        for name, value in out.values():
+            w.line("proxy_set_header", _q(name), value)
+
+    def shares(self, r: Route) -> str | None:
+        """The proxy target: an upstream name, or a split_clients variable whose value is an
+        upstream name or "" (an invalid backend's share); None: nothing valid to send to."""
+        a = r.action
+        assert a is not None
+        picks: list[tuple[str, int]] = []
+        for wb in a.backends:
+            if wb.weight <= 0:
+                continue
+            up = self.upstream(r, wb.backend) if wb.backend.ok else None
+            picks.append((up.name if up is not None else "", wb.weight))
+        total = sum(w for _, w in picks)
+        if not picks or total == 0 or all(not n for n, _ in picks):
+            return None
+        if len(picks) == 1:
+            return _name(picks[0][0])
+        digest = hashlib.sha256(f"{r.host} {r.ingress} {r.field}".encode()).hexdigest()[:16]
+        var = _name(f"kproxy_split_{digest}")
+        lines = [f'    split_clients "$request_id" ${var} {{']
+        for name, weight in picks[:-1]:
+            pct = (weight * 10000 // total) / 100
+            if pct > 0:
+                lines.append(f"        {pct:.2f}% {_q(name)};")
+        lines.append(f"        * {_q(picks[-1][0])};")
+        lines.append("    }")
+        self.http_blocks[f"split {var}"] = lines
+        return f"${var}"
 
     def location(self, w: _Writer, s: Server, loc: Location, route: Route | None) -> None:
         if loc.modifier in ("~", "~*"):
@@ -597,6 +837,22 @@ class _Renderer:
             self.reasons.add(Reason(str(route.ingress), route.field, up.unavailable + "; answers 503"))
             return None
         return up
+
+
+_FIRST_CODE = 520  # private status codes for the error_page dispatch (520..589)
+_MAX_CANDIDATES = 70
+_BASE_HEADERS = (
+    ("Host", "$host"),
+    ("X-Real-IP", "$remote_addr"),
+    ("X-Forwarded-For", "$remote_addr"),
+    ("X-Forwarded-Proto", "$scheme"),
+    ("X-Forwarded-Host", "$host"),
+    ("X-Forwarded-Port", "$server_port"),
+    ("X-Request-ID", "$request_id"),
+    ("Upgrade", "$http_upgrade"),
+    ("Connection", "$kproxy_connection"),
+    ("Proxy", '""'),
+)
 
 
 def _pow2_at_least(n: int, floor: int) -> int:

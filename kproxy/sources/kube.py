@@ -56,6 +56,7 @@ module is also where the `kubernetes` client is confined.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import socket
@@ -90,6 +91,11 @@ __all__ = [
     "ENDPOINT_SLICES",
     "INGRESSES",
     "INGRESS_CLASSES",
+    "GATEWAY_CLASSES",
+    "GATEWAYS",
+    "HTTP_ROUTES",
+    "NAMESPACES",
+    "REFERENCE_GRANTS",
     "NODES",
     "PODS",
     "SECRETS",
@@ -124,6 +130,7 @@ class Resource:
     api: str  # class in kubernetes.client, e.g. CoreV1Api
     list_method: str  # its cluster-wide list function
     handler_prefix: str  # on_<prefix>_add ... for named_handler
+    args: tuple[str, ...] = ()  # leading arguments (CustomObjectsApi: group, version, plural)
 
 
 SERVICES = Resource("services", "CoreV1Api", "list_service_for_all_namespaces", "service")
@@ -135,6 +142,18 @@ PODS = Resource("pods", "CoreV1Api", "list_pod_for_all_namespaces", "pod")
 SECRETS = Resource("secrets", "CoreV1Api", "list_secret_for_all_namespaces", "secret")
 INGRESSES = Resource("ingresses", "NetworkingV1Api", "list_ingress_for_all_namespaces", "ingress")
 INGRESS_CLASSES = Resource("ingressclasses", "NetworkingV1Api", "list_ingress_class", "ingress_class")
+NAMESPACES = Resource("namespaces", "CoreV1Api", "list_namespace", "namespace")
+
+
+def _gateway_api(plural: str, version: str, prefix: str) -> Resource:
+    group = "gateway.networking.k8s.io"
+    return Resource(plural, "CustomObjectsApi", "list_cluster_custom_object", prefix, (group, version, plural))
+
+
+GATEWAY_CLASSES = _gateway_api("gatewayclasses", "v1", "gateway_class")
+GATEWAYS = _gateway_api("gateways", "v1", "gateway")
+HTTP_ROUTES = _gateway_api("httproutes", "v1", "http_route")
+REFERENCE_GRANTS = _gateway_api("referencegrants", "v1beta1", "reference_grant")
 
 
 def name_selector(name: str) -> str:
@@ -523,6 +542,8 @@ class Reflector:
             # pydantic model building), so this is resolved once, on the reflector's thread.
             api = getattr(k8s, self.resource.api)(self._api_client)
             self._list_fn = getattr(api, self.resource.list_method)
+            if self.resource.args:
+                self._list_fn = functools.partial(self._list_fn, *self.resource.args)
         return self._list_fn
 
     def _selectors(self) -> dict[str, str]:

@@ -60,6 +60,41 @@ class ApiWriter:
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
             raise ApiWriteError(f"updating the status of Ingress {namespace}/{name}: {_describe(e)}") from e
 
+    def patch_gateway_status(self, plural: str, namespace: str, name: str, status: Obj) -> None:
+        """Merge-patch the status subresource of a Gateway API object (``namespace`` "" for a
+        GatewayClass). `status` is the whole status section kproxy wants there."""
+        api = k8s.CustomObjectsApi(self._api)
+        version = "v1beta1" if plural == "referencegrants" else "v1"
+        group = "gateway.networking.k8s.io"
+        body = {"status": status}
+        try:
+            if namespace:
+                resp: Any = api.patch_namespaced_custom_object_status(
+                    group,
+                    version,
+                    namespace,
+                    plural,
+                    name,
+                    body,
+                    _content_type="application/merge-patch+json",
+                    _preload_content=False,
+                    _request_timeout=self._timeout,
+                )
+            else:
+                resp = api.patch_cluster_custom_object_status(
+                    group,
+                    version,
+                    plural,
+                    name,
+                    body,
+                    _content_type="application/merge-patch+json",
+                    _preload_content=False,
+                    _request_timeout=self._timeout,
+                )
+            resp.release_conn()
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
+            raise ApiWriteError(f"updating the status of {plural} {namespace}/{name}: {_describe(e)}") from e
+
     def event(self, involved: Obj, type_: str, reason: str, message: str) -> None:
         """`involved`: kind, apiVersion, namespace, name (and uid, resourceVersion if known)."""
         namespace = str(involved.get("namespace") or "default")

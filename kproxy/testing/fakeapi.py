@@ -112,6 +112,11 @@ RESOURCES: tuple[ResourceType, ...] = (
     ResourceType("ingresses", "Ingress", "networking.k8s.io/v1", True),
     ResourceType("ingressclasses", "IngressClass", "networking.k8s.io/v1", False),
     ResourceType("servicecidrs", "ServiceCIDR", "networking.k8s.io/v1", False),
+    # Gateway API CRDs (served with their status subresource, as the published CRDs are)
+    ResourceType("gatewayclasses", "GatewayClass", "gateway.networking.k8s.io/v1", False),
+    ResourceType("gateways", "Gateway", "gateway.networking.k8s.io/v1", True),
+    ResourceType("httproutes", "HTTPRoute", "gateway.networking.k8s.io/v1", True),
+    ResourceType("referencegrants", "ReferenceGrant", "gateway.networking.k8s.io/v1beta1", True),
 )
 
 

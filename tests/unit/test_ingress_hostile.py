@@ -224,6 +224,7 @@ ALLOWED = {
         "split_clients",
         "upstream",
         "server",
+        "geo",
     },
     "upstream": {"server", "keepalive"},
     "server": {
@@ -255,6 +256,9 @@ ALLOWED = {
         "grpc_connect_timeout",
         "grpc_send_timeout",
         "grpc_read_timeout",
+        "error_page",
+        "proxy_set_header",
+        "proxy_hide_header",
     },
     "if": {"return", "set", "add_header"},
 }
@@ -263,16 +267,18 @@ ALLOWED = {
 def check_structure(directives: tuple[Directive, ...], context: str = "main") -> None:
     """Only directives kproxy emits, each where it belongs; the marker never unquoted."""
     for d in directives:
-        assert d.name.kind == "word" or context in ("map", "split_clients"), d
-        if context not in ("map", "split_clients"):
+        assert d.name.kind == "word" or context in ("map", "split_clients", "geo"), d
+        if context not in ("map", "split_clients", "geo"):
             assert d.name.value in ALLOWED[context], f"unexpected directive {d.name.value!r} in {context}"
-        assert MARK not in d.name.value
+        assert d.name.kind == "quoted" or MARK not in d.name.value  # a quoted map key is data
         for a in d.args:
             assert a.kind == "quoted" or MARK not in a.value, f"marker in an unquoted argument: {a}"
         if d.name.value == "location":
             assert len(d.args) in (1, 2) and (len(d.args) == 1 or d.args[0].value in ("=", "~", "~*")), d.args
+            assert len(d.args) == 2 or d.args[0].kind == "quoted" or d.args[0].value.startswith("@kproxy_"), d.args
         if d.block is not None:
-            check_structure(d.block, d.name.value if context not in ("map", "split_clients") else context)
+            special = ("map", "split_clients", "geo")
+            check_structure(d.block, d.name.value if context not in special else context)
 
 
 # --- fixtures and helpers --------------------------------------------------------------------
