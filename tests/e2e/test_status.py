@@ -128,9 +128,9 @@ def _remove_by_hand(env: Env, port: dict[str, Any]) -> str:
     """Remove one of the port's objects as an operator's mistake would; what --check should name."""
     objects = port["kernelObjects"]
     if isinstance(env, NftablesEnv):
-        element = next(o for o in objects if o["kind"] == "element" and o["where"] == "backends")
-        env.nft("delete", "element", "ip", "kproxy", "backends", "{ " + element["name"] + " }")
-        return f"missing: element backends: {element['name']}"
+        element = next(o for o in objects if o["kind"] == "element" and o["where"] == "backends-tcp")
+        env.nft("delete", "element", "ip", "kproxy", "backends-tcp", "{ " + element["name"] + " }")
+        return f"missing: element backends-tcp: {element['name']}"
     chain = next(o for o in objects if o["kind"] == "chain" and o["name"].startswith("KPROXY-SEP-"))
     env.iptables("-t", "nat", "-F", chain["name"])
     return f"chain nat/{chain['name']} holds 0 rules"

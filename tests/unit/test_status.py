@@ -207,7 +207,7 @@ def test_nftables_objects_come_from_the_shared_layout_render() -> None:
     table = table_of(next(s for s in SCENARIOS if s.name == "clusterip"), "nftables")
     objs = {str(o) for o in _port(table).objects}
     assert "element service-ips-2: 172.30.0.41 . tcp . 80" in objs
-    assert "element backends: 172.30.0.41 . tcp . 80 . 0 : 10.0.1.10 . 80" in objs
+    assert "element backends-tcp: 172.30.0.41 . 80 . 0 : 10.0.1.10 . 80" in objs
     assert not any(o.startswith("chain kproxy/service-") for o in objs)  # no chain of its own
     affinity = Scenario("aff", [service(affinity=600), endpoint_slice(endpoints=[endpoint(LOCAL_POD, "node-1")])], [])
     kinds = {o.kind for o in _port(table_of(affinity, "nftables")).objects}
@@ -233,8 +233,8 @@ def test_nftables_check_reads_nft_json() -> None:
         {"set": {"name": "service-ips-1", "elem": [{"concat": ["172.30.0.41", "tcp", 80]}]}},
         {
             "map": {
-                "name": "backends",
-                "elem": [[{"concat": ["172.30.0.9", "tcp", 80, 0]}, {"concat": ["10.0.1.10", 80]}]],
+                "name": "backends-tcp",
+                "elem": [[{"concat": ["172.30.0.9", 80, 0]}, {"concat": ["10.0.1.10", 80]}]],
             }
         },
         {"set": {"name": "firewall-allow", "elem": [{"concat": ["198.51.100.10", "tcp", 80, "10.0.0.1"]}]}},
@@ -242,12 +242,12 @@ def test_nftables_check_reads_nft_json() -> None:
     expected = [
         KernelObject("chain", "kproxy", "lb-1"),
         KernelObject("element", "service-ips-1", "172.30.0.41 . tcp . 80"),
-        KernelObject("element", "backends", "172.30.0.41 . tcp . 80 . 0", value="10.0.1.10 . 80"),
+        KernelObject("element", "backends-tcp", "172.30.0.41 . 80 . 0", value="10.0.1.10 . 80"),
         KernelObject("element", "firewall-allow", "198.51.100.10 . tcp . 80 . 10.0.0.1/32"),
     ]
     assert nft_differences(expected, listed, True, "ip kproxy") == [
-        "missing: element backends: 172.30.0.41 . tcp . 80 . 0",
-        "unexpected: element backends: 172.30.0.9 . tcp . 80 . 0",
+        "missing: element backends-tcp: 172.30.0.41 . 80 . 0",
+        "unexpected: element backends-tcp: 172.30.0.9 . 80 . 0",
     ]
     assert nft_differences(expected, None, False, "ip kproxy") == ["missing: table ip kproxy"]
 

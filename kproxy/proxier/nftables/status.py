@@ -2,7 +2,7 @@
 
 `describe` renders each Service port (`render.render_service`, what a sync writes) and lists its
 `ServiceObjects`: the chains it owns (with their rule counts), the shared `lb-N` chains it goes
-through, its affinity sets, and its elements (`service-ips-N`, `backends`, `service-ips`,
+through, its affinity sets, and its elements (`service-ips-N`, `backends-tcp`, `service-ips`,
 `no-endpoint-services`, ...: container, key and value). A plain Service port of the shared
 layout owns no chain, only elements. `check` holds them against `nft -j list table` (run only
 for `--check`: it fetches the whole ruleset): a chain, set or element key missing, a rule count
@@ -28,8 +28,8 @@ _PER_SERVICE = (
     names.SERVICE_NODEPORTS,
     names.NO_ENDPOINT_SERVICES,
     names.NO_ENDPOINT_NODEPORTS,
-    names.BACKENDS,
-    names.NODEPORT_BACKENDS,
+    *(names.backends(p) for p in names.PROTOCOLS),
+    *(names.nodeport_backends(p) for p in names.PROTOCOLS),
     names.FIREWALL_IPS,
 )
 
