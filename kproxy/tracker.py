@@ -52,6 +52,9 @@ TOPOLOGY_LABEL_PREFIXES = ("topology.kubernetes.io/", "failure-domain.beta.kuber
 class Checkout:
     """Everything one sync needs, as of one `ChangeTrackers.checkout`."""
 
+    # The trackers' own folded maps, not copies (50,000 entries each): only a checkout changes
+    # them, and only the sync thread checks out, so they hold still until its next checkout.
+    # Watch threads read them under the tracker's lock meanwhile; nothing else may keep them.
     state: ClusterState
     # Services (namespace, name) whose Service or EndpointSlices changed since the last checkout.
     changed: frozenset[ServiceKey] = frozenset()
@@ -148,7 +151,7 @@ class ServiceChangeTracker(_Tracker):
                     self._values.applied.pop(key, None)
                 else:
                     self._values.applied[key] = value
-            services = dict(self._values.applied)
+            services = self._values.applied
         if self._metrics is not None:
             self._metrics.service_changes_pending.set(0)
         return services, set(changes), udp
@@ -220,11 +223,11 @@ class EndpointSliceChangeTracker(_Tracker):
                     indexed = self._by_service.get(value.service_key, frozenset())
                     self._by_service[value.service_key] = indexed | {key}
             fold = _SliceFold(
-                slices=dict(self._values.applied),
+                slices=self._values.applied,
                 services=services,
                 udp=udp,
                 triggers={k: tuple(v) for k, v in triggers.items()},
-                index=dict(self._by_service),
+                index=self._by_service,
             )
         if self._metrics is not None:
             self._metrics.endpoint_changes_pending.set(0)

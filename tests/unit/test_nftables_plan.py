@@ -88,11 +88,16 @@ def plain(*svc4_eps: str) -> list[dict[str, Any]]:
     ]
 
 
-def test_endpoint_counts_coming_and_going_leave_what_a_full_sync_leaves() -> None:
+@pytest.mark.parametrize("told", [False, True], ids=["compared", "told-what-changed"])
+def test_endpoint_counts_coming_and_going_leave_what_a_full_sync_leaves(told: bool) -> None:
+    """Told which ports changed (as the daemon's incremental view does), the render takes over
+    the last render's dicts in place; either way the table is what a full sync writes."""
     fake = FakeNft()
     proxier = NftablesProxier(fake)
     for eps in (["10.0.2.40", "10.0.2.41"], ["10.0.2.40", "10.0.2.41", "10.0.2.42"], ["10.0.2.42"], [], ["10.0.2.43"]):
         view, ctx = view_of(plain(*eps))
+        if told:
+            view = FamilyView(view.ports, view.endpoints, frozenset(n for n in view.ports if n.name == "svc4"))
         result = proxier.sync(view, ctx)
         tb = fake.table(IPFamily.V4)
         # The object counts the metrics export are kept up to date, not recounted.

@@ -225,7 +225,12 @@ def plan(desired: Ruleset, applied: Applied | None, changed: Collection[ServiceP
             (_claim if claim else _release)(load(cont, key), key, value)
 
     old_shared, new_shared = applied.shared, _shared(desired)
-    pairs = [(applied.services.get(spn), desired.services.get(spn)) for spn in sorted(names_)]
+    # An in-place render took over the applied dicts: the ports it rendered had `replaced`.
+    old_of = desired.replaced
+    pairs = [
+        (old_of[spn] if spn in old_of else applied.services.get(spn), desired.services.get(spn))
+        for spn in sorted(names_)
+    ]
     if old_shared != new_shared:
         pairs.append((old_shared, new_shared))
     for old, new in pairs:

@@ -110,7 +110,9 @@ class NftablesProxier:
             changed = view.changed
         if previous is None or previous.ctx != ctx:
             changed = None  # another node context re-renders every Service port: plan them all
-        desired = nft.render(view.ports, view.endpoints, ctx, previous=previous, changed=None if full else changed)
+        desired = nft.render(
+            view.ports, view.endpoints, ctx, previous=previous, changed=None if full else changed, in_place=not dry_run
+        )
         t1 = time.perf_counter()
         applied = None if full else self._applied
         script = nftplan.plan(desired, applied, None if full else changed)
@@ -119,7 +121,7 @@ class NftablesProxier:
             family=int(ctx.family),
             full=script.full,
             services=len(view.ports),
-            endpoints=sum(len(e) for e in view.endpoints.values()),
+            endpoints=desired.endpoint_count,
             render_seconds=t1 - t_checked,
             plan_seconds=(t_planned - t1) + (t_checked - t0),  # the drift check reads, to plan
             no_local_internal=desired.no_local_internal,

@@ -47,6 +47,7 @@ import ipaddress
 from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 from kproxy.heap import gc_paused
 from kproxy.model import Endpoint, IPFamily, ServicePort, ServicePortName
@@ -131,6 +132,9 @@ class Ruleset:
     # Chains and rules of the Service ports' own chains.
     own_chains: int = 0
     own_rules: int = 0
+    endpoint_count: int = 0
+    # An in-place render: what the ports it rendered had in the previous render (None: absent).
+    replaced: Mapping[ServicePortName, ServiceObjects | None] = field(default_factory=dict)
 
     @property
     def chain_count(self) -> int:
@@ -198,43 +202,55 @@ def render(
     ctx: NodeContext,
     previous: Ruleset | None = None,
     changed: Collection[ServicePortName] | None = None,
+    in_place: bool = False,
 ) -> Ruleset:
     """The desired table for one family; `ports` must be this family's view.
 
     With `previous`, a Service port whose inputs equal last time's reuses its rendered objects;
     when `changed` is given too, only the Service ports it names are looked at, so a sync after
-    one change costs the same at any size.
+    one change costs the same at any size. `in_place` lets that render take over `previous`'s
+    per-port dicts instead of copying them (50,000 entries each): `previous` is then spent, and
+    the result's `replaced` holds what the changed ports had in it, for the plan.
     """
     reuse = previous is not None and previous.ctx == ctx
+    replaced: dict[ServicePortName, ServiceObjects | None] = {}
     if previous is not None and reuse and changed is not None:
-        services = dict(previous.services)
-        inputs = dict(previous.inputs)
+        services = cast(dict[ServicePortName, ServiceObjects], previous.services)
+        inputs = cast(dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]], previous.inputs)
+        if not in_place:
+            services, inputs = dict(services), dict(inputs)
         tally = _Tally(previous)
         todo: Collection[ServicePortName] = changed
     else:
         services, inputs, tally = {}, {}, _Tally(None)
         todo = list(ports)
+        in_place = False
     prev_inputs = previous.inputs if previous is not None and reuse else {}
     prev_objs = previous.services if previous is not None and reuse else {}
     with gc_paused():  # hundreds of thousands of acyclic objects on a full render
         for name in todo:
+            old, old_objs = prev_inputs.get(name), prev_objs.get(name)
+            if in_place:
+                replaced[name] = old_objs
+            current = services.pop(name, None)
+            was = inputs.pop(name, None)
+            if current is not None and was is not None:
+                tally.add(current, len(was[1]), -1)
             svc = ports.get(name)
-            old_objs = services.pop(name, None)
-            inputs.pop(name, None)
-            if old_objs is not None:
-                tally.drop(old_objs)
             if svc is None:
                 continue
             eps = endpoints.get(name, ())
-            old = prev_inputs.get(name)
-            if old is not None and (old[0] is svc or old[0] == svc) and old[1] == eps:
-                objs, inputs[name] = prev_objs[name], old
+            if old is not None and old_objs is not None and (old[0] is svc or old[0] == svc) and old[1] == eps:
+                objs, inputs[name] = old_objs, old
             else:
                 objs, inputs[name] = render_service(svc, eps, ctx), (svc, eps)
             services[name] = objs
-            tally.add(objs)
+            tally.add(objs, len(eps))
     chains, containers, elements = fixed(ctx)
-    shared_chains, shared_sets = shared_objects(tally.uses, ctx)
+    if previous is not None and reuse and tally.uses == previous.uses:
+        shared_chains, shared_sets = previous.shared_chains, previous.shared_sets
+    else:
+        shared_chains, shared_sets = shared_objects(tally.uses, ctx)
     return Ruleset(
         ctx.family,
         chains,
@@ -250,6 +266,8 @@ def render(
         tally.no_local_external,
         tally.own_chains,
         tally.own_rules,
+        tally.endpoints,
+        replaced,
     )
 
 
@@ -262,8 +280,9 @@ class _Tally:
         self.no_local_external = previous.no_local_external if previous is not None else 0
         self.own_chains = previous.own_chains if previous is not None else 0
         self.own_rules = previous.own_rules if previous is not None else 0
+        self.endpoints = previous.endpoint_count if previous is not None else 0
 
-    def add(self, objs: ServiceObjects, sign: int = 1) -> None:
+    def add(self, objs: ServiceObjects, endpoints: int, sign: int = 1) -> None:
         for chain in objs.shared:
             self.uses[chain] += sign
             if not self.uses[chain]:
@@ -272,9 +291,7 @@ class _Tally:
         self.no_local_external += sign * objs.no_local_external
         self.own_chains += sign * len(objs.chains)
         self.own_rules += sign * sum(len(c.rules) for c in objs.chains)
-
-    def drop(self, objs: ServiceObjects) -> None:
-        self.add(objs, -1)
+        self.endpoints += sign * endpoints
 
 
 def _lb_count(chain: str) -> int:
