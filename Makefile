@@ -39,7 +39,8 @@ BENCH_LOCK ?= /tmp/kproxy-bench.lock
 bench: venv
 	@start=$$(date +%s); \
 	flock $(BENCH_LOCK) $(PY) bench/process_bench.py --out docs/benchmarks.md $(BENCH_FLAGS) && \
-	flock $(BENCH_LOCK) $(PY) bench/iptables_bench.py --services 1000 10000 --out docs/benchmarks.md; \
+	flock $(BENCH_LOCK) $(PY) bench/iptables_bench.py --services 1000 10000 --out docs/benchmarks.md && \
+	flock $(BENCH_LOCK) $(PY) bench/first_packet.py --sizes 1000 30000 --rounds 7 --out docs/benchmarks.md; \
 	status=$$?; echo "make bench took $$(( $$(date +%s) - start )) s"; exit $$status
 
 lint: venv
