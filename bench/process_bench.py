@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 say(line)
             results["total_s"] = time.perf_counter() - started
             results["targets"] = report.targets(results)
+            results["nftables_targets"] = report.nftables_targets(results)
             if args.out:
                 # After every size, so that a run stopped later keeps what it measured.
                 write(results, args.out)
@@ -179,6 +180,7 @@ def main() -> None:
     remove_leftovers()
     results = run(args)
     say(report.targets_table(results["targets"]))
+    say(report.targets_table(results["nftables_targets"], 13))
     if not args.out:
         say(json.dumps(results, indent=1)[:4000])
     say(f"process benchmark took {results['total_s']:.0f} s")

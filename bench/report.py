@@ -219,12 +219,115 @@ def targets(results: Result) -> list[Result]:
     return out
 
 
-def targets_table(rows: list[Result]) -> str:
+# -- issue 13's numbers to reach (the nftables mode) ----------------------------------------------
+
+
+def nftables_targets(results: Result) -> list[Result]:
+    """Issue 13's numbers for the nftables mode, as measured here (first-packet latency is
+    bench/first_packet.py's own section)."""
+    out: list[Result] = []
+    by_size = {(s["services"], s["per_service"]): s for s in results["sizes"]}
+    cols = {k: s["columns"].get("nftables") for k, s in by_size.items()}
+    budget = results["budget_s"]
+
+    for (n, m), limit in (((10000, 10), 5.0), ((50000, 5), 30.0)):
+        col = cols.get((n, m))
+        for fmt in ("json", "yaml"):
+            step = _step(col, f"sync.{fmt}") if col else None
+            ok = step is not None and step.get("status") == "ok"
+            took = step["render_s"] + step["apply_s"] if ok and step else None
+            out.append(
+                {
+                    "target": f"full sync into an empty node, {n:,} × {m}: under {limit:g} s "
+                    f"(`kproxy sync`, {fmt.upper()} file: render + plan + apply; whole process beside it)",
+                    "measured": f"{secs(took)} (whole process {secs(step['wall_s'])})"
+                    if ok and step
+                    else (status_text(step, budget) if col else "size not run"),
+                    "reached": None if took is None else took < limit,
+                }
+            )
+        run = _step(col, "run") if col else None
+        first = run.get("first_sync") if run and run.get("status") == "ok" else None
+        took = (first["render_ms"] + first["apply_ms"]) / 1000 if first else None
+        out.append(
+            {
+                "target": f"full sync into an empty node, {n:,} × {m}: under {limit:g} s (`kproxy run`'s first sync)",
+                "measured": secs(took) if took is not None else (status_text(run, budget) if col else "size not run"),
+                "reached": None if took is None else took < limit,
+            }
+        )
+
+    def figure(size: tuple[int, int], what: str, key: str) -> float | None:
+        """`key` "latency_s": from the update stored in the API server to the sync logged done;
+        "duration_ms": the daemon's own sync of it (its log line)."""
+        run = _step(cols[size], "run") if cols.get(size) else None
+        if not run or run.get("status") != "ok":
+            return None
+        samples = run.get("changes") or [] if what == "endpoint" else [run.get(f"{what}_service") or {}]
+        values = sorted(x[key] for x in samples if x.get(key) is not None)
+        if not values:
+            return None
+        median = (
+            values[len(values) // 2]
+            if len(values) % 2
+            else (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
+        )
+        return median / 1000 if key == "duration_ms" else median
+
+    sizes = ((1000, 10), (10000, 10), (50000, 5))
+    for what, label in (
+        ("endpoint", "one endpoint changed (median)"),
+        ("add", "one Service added"),
+        ("delete", "one Service deleted"),
+    ):
+        for key, how in (
+            ("duration_ms", "the daemon's sync"),
+            ("latency_s", "from the API server's update to the kernel"),
+        ):
+            values = {size: figure(size, what, key) for size in sizes}
+            shown = ", ".join(f"{n:,}: {secs(v)}" for (n, _), v in values.items())
+            measured = [v for v in values.values() if v is not None]
+            out.append(
+                {
+                    "target": f"`kproxy run`, {label}, {how}: under 50 ms at every size",
+                    "measured": shown,
+                    "reached": None if len(measured) < len(values) else max(measured) < 0.05,
+                }
+            )
+            small, large = values[(1000, 10)], values[(50000, 5)]
+            out.append(
+                {
+                    "target": f"`kproxy run`, {label}, {how}: the 50,000 figure within 1.5× the 1,000 figure",
+                    "measured": f"{secs(large)} ÷ {secs(small)} = {large / small:.2f}" if small and large else "-",
+                    "reached": None if not small or not large else large <= 1.5 * small,
+                }
+            )
+
+    col = cols.get((50000, 5))
+    run = _step(col, "run") if col else None
+    peak = (
+        run.get("peak_rss_end_mib") or run.get("peak_rss_after_first_sync_mib")
+        if run and run.get("status") == "ok"
+        else None
+    )
+    out.append(
+        {
+            "target": "peak RSS of the process at 50,000 × 5: under 600 MB (`kproxy run`, VmHWM)",
+            "measured": f"{mib(peak)} = {peak * 1.048576:.0f} MB"
+            if peak is not None
+            else (status_text(run, budget) or "-"),
+            "reached": None if peak is None else peak * 1.048576 < 600,
+        }
+    )
+    return out
+
+
+def targets_table(rows: list[Result], issue: int = 12) -> str:
     def mark(v: bool | None) -> str:
         return "not measured" if v is None else ("yes" if v else "**no**")
 
     return (
-        "| number to reach (issue 12) | measured | reached |\n|---|---|---|\n"
+        f"| number to reach (issue {issue}) | measured | reached |\n|---|---|---|\n"
         + "\n".join(f"| {r['target']} | {r['measured']} | {mark(r['reached'])} |" for r in rows)
         + "\n"
     )
@@ -243,6 +346,8 @@ def markdown(results: Result, svg_name: str) -> str:
             f"**{size['services']:,} Services × {size['per_service']} endpoints**\n\n{size_table(size, results['budget_s'])}"
         )
     parts.append(targets_table(results["targets"]))
+    if results.get("nftables_targets"):
+        parts.append(targets_table(results["nftables_targets"], 13))
     return "\n".join(parts)
 
 
