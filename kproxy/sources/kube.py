@@ -536,7 +536,7 @@ class Reflector:
             header_params={"Accept": "application/json"},
             auth_settings=["BearerToken"],
         )
-        response = client.call_api(*request, _request_timeout=timeout)
+        response: Any = client.call_api(*request, _request_timeout=timeout)  # RESTResponse is untyped
         if not 200 <= response.status <= 299:
             response.read()
             raise ApiException.from_response(http_resp=response, body=None, data=None)
