@@ -142,6 +142,9 @@ def _traffic_distribution(spec: Obj) -> TrafficDistribution:
     return _TRAFFIC_DISTRIBUTIONS.get(value, TrafficDistribution.DEFAULT)
 
 
+_EMPTY: Mapping[str, Any] = {}
+
+
 def _list(obj: Obj, key: str) -> list[Any]:
     value = obj.get(key)
     return value if isinstance(value, list) else []
@@ -319,28 +322,30 @@ def convert_slice(obj: Obj) -> EndpointSlice | None:
             )
         )
     endpoints = []
+    v6 = family is IPFamily.V6
+    # The loop runs once per endpoint (100,000 at 10,000 Services), hence the plain-dict fast
+    # paths before the general Mapping checks and no per-endpoint field names unless one fails.
     for i, raw in enumerate(_list(obj, "endpoints")):
-        field = f"endpoints[{i}]"
-        addresses = _list(raw, "addresses") if isinstance(raw, Mapping) else []
+        addresses = _list(raw, "addresses") if type(raw) is dict or isinstance(raw, Mapping) else []
         if not addresses:
-            raise InvalidObject(ref, f"{field}.addresses", "missing")
-        ip = parse_ip(addresses[0], ref, f"{field}.addresses[0]")
-        if family_of(ip) != family:
-            raise InvalidObject(ref, f"{field}.addresses[0]", f"{ip} is not of addressType {address_type}")
-        cond = raw.get("conditions") or {}
+            raise InvalidObject(ref, f"endpoints[{i}].addresses", "missing")
+        ip = parse_ip(addresses[0], ref, f"endpoints[{i}].addresses[0]")
+        if (":" in ip) is not v6:
+            raise InvalidObject(ref, f"endpoints[{i}].addresses[0]", f"{ip} is not of addressType {address_type}")
+        cond = raw.get("conditions") or _EMPTY
         ready = cond.get("ready") is not False  # nil means ready, as the API documents
-        serving = ready if cond.get("serving") is None else bool(cond["serving"])
-        hints = raw.get("hints") or {}
+        serving = cond.get("serving")
+        hints = raw.get("hints")
         endpoints.append(
             SliceEndpoint(
                 ip=ip,
                 ready=ready,
-                serving=serving,
+                serving=ready if serving is None else bool(serving),
                 terminating=bool(cond.get("terminating")),
                 node_name=_shared(raw.get("nodeName") or ""),
                 zone=_shared(raw.get("zone") or ""),
-                zone_hints=_hint_names(hints, "forZones"),
-                node_hints=_hint_names(hints, "forNodes"),
+                zone_hints=_hint_names(hints, "forZones") if hints else NO_NAMES,
+                node_hints=_hint_names(hints, "forNodes") if hints else NO_NAMES,
             )
         )
     trigger = (meta.get("annotations") or {}).get(TRIGGER_TIME_ANNOTATION)

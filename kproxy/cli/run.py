@@ -75,8 +75,10 @@ def _main(loaded: LoadedConfig) -> int:
             done = {info.name: info.load().cleanup(False) for info in registry.MODES.values()}
             log.info("cleanup_complete", removed_chains=removed, **{k: v for k, v in done.items() if v})
             return 0
+        from kproxy.backends.process import limit_malloc_arenas
         from kproxy.daemon.daemon import build_daemon
 
+        limit_malloc_arenas()  # before the daemon's threads start
         daemon = build_daemon(cfg)
         if cfg.init_only:
             daemon.apply_host_settings()

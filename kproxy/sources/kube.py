@@ -56,7 +56,6 @@ module is also where the `kubernetes` client is confined.
 
 from __future__ import annotations
 
-import functools
 import json
 import random
 import socket
@@ -124,30 +123,31 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Resource:
-    """One kind a reflector can follow: the typed client function that lists and watches it."""
+    """One kind a reflector can follow: where the API server lists and watches it.
+
+    Requests go through the client's `ApiClient` (configuration, authentication, TLS, its REST
+    layer and `ApiException`s), not its generated API classes: ``CoreV1Api``'s module imports
+    every core model and wraps each of its hundreds of methods in pydantic's ``validate_call``,
+    20 MiB of the daemon's memory and most of a second at start, for two GET requests.
+    """
 
     name: str  # plural, as in the API path; used in logs
-    api: str  # class in kubernetes.client, e.g. CoreV1Api
-    list_method: str  # its cluster-wide list function
+    path: str  # the cluster-wide collection, e.g. /api/v1/services
     handler_prefix: str  # on_<prefix>_add ... for named_handler
-    args: tuple[str, ...] = ()  # leading arguments (CustomObjectsApi: group, version, plural)
 
 
-SERVICES = Resource("services", "CoreV1Api", "list_service_for_all_namespaces", "service")
-ENDPOINT_SLICES = Resource(
-    "endpointslices", "DiscoveryV1Api", "list_endpoint_slice_for_all_namespaces", "endpoint_slice"
-)
-NODES = Resource("nodes", "CoreV1Api", "list_node", "node")
-PODS = Resource("pods", "CoreV1Api", "list_pod_for_all_namespaces", "pod")
-SECRETS = Resource("secrets", "CoreV1Api", "list_secret_for_all_namespaces", "secret")
-INGRESSES = Resource("ingresses", "NetworkingV1Api", "list_ingress_for_all_namespaces", "ingress")
-INGRESS_CLASSES = Resource("ingressclasses", "NetworkingV1Api", "list_ingress_class", "ingress_class")
-NAMESPACES = Resource("namespaces", "CoreV1Api", "list_namespace", "namespace")
+SERVICES = Resource("services", "/api/v1/services", "service")
+ENDPOINT_SLICES = Resource("endpointslices", "/apis/discovery.k8s.io/v1/endpointslices", "endpoint_slice")
+NODES = Resource("nodes", "/api/v1/nodes", "node")
+PODS = Resource("pods", "/api/v1/pods", "pod")
+SECRETS = Resource("secrets", "/api/v1/secrets", "secret")
+INGRESSES = Resource("ingresses", "/apis/networking.k8s.io/v1/ingresses", "ingress")
+INGRESS_CLASSES = Resource("ingressclasses", "/apis/networking.k8s.io/v1/ingressclasses", "ingress_class")
+NAMESPACES = Resource("namespaces", "/api/v1/namespaces", "namespace")
 
 
 def _gateway_api(plural: str, version: str, prefix: str) -> Resource:
-    group = "gateway.networking.k8s.io"
-    return Resource(plural, "CustomObjectsApi", "list_cluster_custom_object", prefix, (group, version, plural))
+    return Resource(plural, f"/apis/gateway.networking.k8s.io/{version}/{plural}", prefix)
 
 
 GATEWAY_CLASSES = _gateway_api("gatewayclasses", "v1", "gateway_class")
@@ -337,7 +337,7 @@ def _track_sockets(api_client: k8s.ApiClient, registry: _SocketRegistry) -> bool
 
 
 # Errors that mean "the API server or the network failed": retried with backoff. Anything else
-# (a TypeError, pydantic refusing our own arguments) is a bug and ends the reflector loudly.
+# (a TypeError, say) is a bug and ends the reflector loudly.
 _RETRYABLE = (
     ApiException,
     urllib3.exceptions.HTTPError,
@@ -400,7 +400,6 @@ class Reflector:
         self._thread: threading.Thread | None = None
         self._sockets = _SocketRegistry()
         self._api_client: k8s.ApiClient | None = None
-        self._list_fn: Callable[..., Any] | None = None
 
     # -- public surface ------------------------------------------------------------------------
 
@@ -536,22 +535,35 @@ class Reflector:
     def _wait(self, delay: float) -> None:
         self._stop.wait(delay)  # interruptible by stop()
 
-    def _list_function(self) -> Callable[..., Any]:
-        if self._list_fn is None:
-            # The client imports each API module on first use (CoreV1Api: about 0.5 s of
-            # pydantic model building), so this is resolved once, on the reflector's thread.
-            api = getattr(k8s, self.resource.api)(self._api_client)
-            self._list_fn = getattr(api, self.resource.list_method)
-            if self.resource.args:
-                self._list_fn = functools.partial(self._list_fn, *self.resource.args)
-        return self._list_fn
+    def _get(self, query: list[tuple[str, Any]], timeout: tuple[float, float]) -> Any:
+        """GET the resource's collection with `query`: the raw, unread urllib3 response.
 
-    def _selectors(self) -> dict[str, str]:
-        found = {}
+        What the generated ``list_*`` functions do with ``_preload_content=False``: the client's
+        own request building (default headers, authentication) and REST call; a status other
+        than 2xx is read and raised as the client's `ApiException`.
+        """
+        client = self._api_client
+        assert client is not None  # started
+        query = [*self._selectors(), *query]
+        request = client.param_serialize(
+            method="GET",
+            resource_path=self.resource.path,
+            query_params=query,
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        response: Any = client.call_api(*request, _request_timeout=timeout)  # RESTResponse is untyped
+        if not 200 <= response.status <= 299:
+            response.read()
+            raise ApiException.from_response(http_resp=response, body=None, data=None)
+        return response.response
+
+    def _selectors(self) -> list[tuple[str, str]]:
+        found = []
         if self._field_selector:
-            found["field_selector"] = self._field_selector
+            found.append(("fieldSelector", self._field_selector))
         if self._label_selector:
-            found["label_selector"] = self._label_selector
+            found.append(("labelSelector", self._label_selector))
         return found
 
     def _list(self) -> None:
@@ -585,16 +597,11 @@ class Reflector:
         while True:
             if self._stop.is_set():
                 raise _Stopped
-            paging: dict[str, Any] = {"limit": limit} if limit > 0 else {}
+            paging: list[tuple[str, Any]] = [("limit", limit)] if limit > 0 else []
             if token:
-                paging["_continue"] = token
+                paging.append(("continue", token))
             try:
-                resp = self._list_function()(
-                    **self._selectors(),
-                    **paging,
-                    _preload_content=False,
-                    _request_timeout=(self._connect_timeout, self._list_timeout),
-                )
+                resp = self._get(paging, (self._connect_timeout, self._list_timeout))
             except ApiException as exc:
                 if exc.status == 410 and token:
                     raise _ContinueExpired(exc, pages) from exc
@@ -623,16 +630,16 @@ class Reflector:
     def _watch(self) -> None:
         timeout_seconds = max(1, int(self._watch_timeout * (1 + self._rand())))
         try:
-            resp = self._list_function()(
-                **self._selectors(),
-                watch=True,
-                resource_version=self._rv,
-                allow_watch_bookmarks=True,
-                timeout_seconds=timeout_seconds,
-                _preload_content=False,
+            resp = self._get(
+                [
+                    ("watch", True),
+                    *([("resourceVersion", self._rv)] if self._rv is not None else []),
+                    ("allowWatchBookmarks", True),
+                    ("timeoutSeconds", timeout_seconds),
+                ],
                 # The server ends the stream after timeout_seconds; a longer read timeout catches
                 # a peer that vanished without closing.
-                _request_timeout=(self._connect_timeout, timeout_seconds + self._read_grace),
+                (self._connect_timeout, timeout_seconds + self._read_grace),
             )
         except ApiException as exc:
             if exc.status == 410:  # some servers refuse the request itself rather than stream ERROR

@@ -174,7 +174,11 @@ def _yaml_errors(values: Iterator[Any], source: str) -> Iterator[Any]:
 
 class _YamlBuilder:
     """Python objects straight from the parser's events, with the loader's resolver and
-    constructors (what `yaml.load` does through a node graph, without keeping one)."""
+    constructors (what `yaml.load` does through a node graph, without keeping one).
+
+    Each event is taken from the parser once (`get_event`) and dispatched on its type: the
+    parser's own `check_event`/`peek_event` cost a call into it each, and a 10,000-Service file
+    is two million events."""
 
     def __init__(self, loader: Any) -> None:
         self.loader = loader
@@ -184,28 +188,39 @@ class _YamlBuilder:
         self._constructors: dict[Any, Callable[..., Any]] = loader.yaml_constructors
 
     def build(self) -> Any:
-        loader = self.loader
-        event: Any = loader.get_event()
-        mark: Any = event.start_mark  # libyaml's Mark is not the stubs' Mark
-        if isinstance(event, ev.ScalarEvent):
+        return self._node(self.loader.get_event())
+
+    def _node(self, event: Any) -> Any:
+        kind = type(event)
+        if kind is ev.ScalarEvent:
+            if event.anchor is None and event.tag is None and event.implicit[0]:
+                # plain and untagged, by far the most common: its type depends on its text alone
+                try:
+                    return self._plain[event.value]
+                except KeyError:
+                    pass
             value = self._scalar(event)
-        elif isinstance(event, ev.AliasEvent):
-            if event.anchor not in self.anchors:
-                raise yaml.composer.ComposerError(None, None, f"found undefined alias {event.anchor!r}", mark)
-            return self.anchors[event.anchor]
-        elif isinstance(event, ev.SequenceStartEvent):
-            value = []
-            self._anchor(event, value)
-            while not loader.check_event(ev.SequenceEndEvent):
-                value.append(self.build())
-            loader.get_event()
-            return value
-        elif isinstance(event, ev.MappingStartEvent):
+        elif kind is ev.MappingStartEvent:
             value = {}
             self._anchor(event, value)
             self._members(value)
             return value
+        elif kind is ev.SequenceStartEvent:
+            value = []
+            self._anchor(event, value)
+            get = self.loader.get_event
+            item = get()
+            while type(item) is not ev.SequenceEndEvent:
+                value.append(self._node(item))
+                item = get()
+            return value
+        elif kind is ev.AliasEvent:
+            if event.anchor not in self.anchors:
+                mark: Any = event.start_mark  # libyaml's Mark is not the stubs' Mark
+                raise yaml.composer.ComposerError(None, None, f"found undefined alias {event.anchor!r}", mark)
+            return self.anchors[event.anchor]
         else:
+            mark = event.start_mark
             raise yaml.composer.ComposerError(None, None, f"unexpected {type(event).__name__}", mark)
         self._anchor(event, value)
         return value
@@ -230,11 +245,17 @@ class _YamlBuilder:
         loader.get_event()
 
     def _members(self, mapping: dict[Any, Any]) -> None:
-        loader = self.loader
-        while not loader.check_event(ev.MappingEndEvent):
-            key = self.build()
-            self._member(mapping, key, self.build())
-        loader.get_event()
+        get = self.loader.get_event
+        node = self._node
+        event = get()
+        while type(event) is not ev.MappingEndEvent:
+            key = node(event)
+            value = node(get())
+            if key is _MERGE_KEY or type(key) is not str:
+                self._member(mapping, key, value)
+            else:
+                mapping[key] = value
+            event = get()
 
     def _member(self, mapping: dict[Any, Any], key: Any, value: Any) -> None:
         if key is _MERGE_KEY:
