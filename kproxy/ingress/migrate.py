@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from kproxy.ingress.annotations import PREFIX, security_relevant
 from kproxy.ingress.convert import ClassOptions, build_routes, parse_ingress_classes
 from kproxy.ingress.model import IngressRef, PathType, Reason, Route, Server
-from kproxy.model import Service
+from kproxy.model import Protocol, Service, ServicePort, ServicePortName, ServiceType
 
 GROUP = "gateway.networking.k8s.io"
 V1 = f"{GROUP}/v1"
@@ -95,7 +95,7 @@ def migrate(
 ) -> Migration:
     """Gateway API objects equivalent to `ingresses` (see the module docstring)."""
     ings = [dict(i) for i in ingresses]
-    services = list(services)
+    services = _with_placeholders(ings, list(services))
     secrets = list(secrets)
     classes = list(ingress_classes)
     out = Migration()
@@ -111,7 +111,7 @@ def migrate(
         table = build_routes(groups[cls], services, secrets, [], ClassOptions(class_name=cls, watch_without_class=True))
         by_ref = {_ref(i): i for i in groups[cls]}
         _Gateway(gw_name, table.servers, by_ref, options, out.reasons).emit(gateways, grants, routes)
-        out.reasons.extend(r for r in table.reasons if not r.field.startswith("metadata.annotations"))
+        out.reasons.extend(r for r in table.reasons if _relevant(r))
         for ref, ing in sorted(by_ref.items()):
             out.reasons.extend(_annotation_reasons(ref, ing))
     out.objects.append(
@@ -138,6 +138,46 @@ def migrate(
     out.objects.extend(sorted(routes, key=_key))
     out.reasons = sorted(set(out.reasons), key=lambda r: (r.ref, r.field, r.message))
     return out
+
+
+def _with_placeholders(ings: list[Obj], services: list[Service]) -> list[Service]:
+    """The given Services, plus a stand-in for each Service an Ingress names by port number
+    that is not among them: the conversion does not need the cluster, only the references."""
+    known = {(s.namespace, s.name) for s in services}
+    wanted: dict[tuple[str, str], set[int]] = {}
+    for ing in ings:
+        ns = _ref(ing).namespace
+        spec = ing.get("spec") or {}
+        backends = [spec.get("defaultBackend")] + [
+            p.get("backend")
+            for r in spec.get("rules") or []
+            for p in ((r or {}).get("http") or {}).get("paths") or []
+            if isinstance(p, Mapping)
+        ]
+        for b in backends:
+            svc = (b or {}).get("service") if isinstance(b, Mapping) else None
+            if not isinstance(svc, Mapping) or not isinstance(svc.get("name"), str):
+                continue
+            number = (svc.get("port") or {}).get("number")
+            if (ns, svc["name"]) not in known and isinstance(number, int) and 0 < number < 65536:
+                wanted.setdefault((ns, svc["name"]), set()).add(number)
+    out = list(services)
+    for (ns, name), ports in sorted(wanted.items()):
+        sps = tuple(
+            ServicePort(ServicePortName(ns, name, f"p{n}", Protocol.TCP), n, cluster_ips=("192.0.2.1",))
+            for n in sorted(ports)
+        )
+        out.append(Service(ns, name, ServiceType.CLUSTER_IP, sps))
+    return out
+
+
+def _relevant(r: Reason) -> bool:
+    """The Ingress reading's reasons that matter here: not the annotations (named by
+    `_annotation_reasons`), not a TLS Secret absent from the input (the certificateRef is
+    written all the same)."""
+    if r.field.startswith("metadata.annotations"):
+        return False
+    return not (r.field.startswith("spec.tls") and "not found" in r.message)
 
 
 def _key(o: Obj) -> tuple[str, str]:

@@ -268,6 +268,26 @@ def test_canary_by_weight_and_header() -> None:
     assert "weights 70/30" in notes(m, "Ingress default/c")
 
 
+def test_services_absent_from_the_input_are_no_reason_to_drop_anything() -> None:
+    main_ = ingress("a", rule("a.example.com", path("/", "web")), tls=[{"hosts": ["a.example.com"], "secretName": "t"}])
+    canary = ingress(
+        "c",
+        rule("a.example.com", path("/", "next")),
+        ann={P + "canary": "true", P + "canary-weight": "10"},
+        created="2024-06-01T00:00:00Z",
+    )
+    m = convert(main_, canary, services=[])
+    (rule_,) = route_named(m, "a")["spec"]["rules"]
+    assert rule_["backendRefs"] == [
+        {"name": "web", "port": 80, "weight": 90},
+        {"name": "next", "port": 80, "weight": 10},
+    ]
+    assert "not found" not in "\n".join(map(str, m.reasons))
+    named = convert(ingress("n", rule("a.example.com", path("/", "web", port="http"))), services=[])
+    assert not kinds(named, "HTTPRoute")
+    assert "is a name and the Service is not in the input" in notes(named, "Ingress default/n")
+
+
 @pytest.mark.parametrize(
     ("name", "value", "why"),
     [
