@@ -594,3 +594,15 @@ def test_cli_convert_then_render(tmp_path: Path) -> None:
     )
     assert rendered.exit_code == 0, rendered.stderr
     assert "server_name" in rendered.stdout
+
+
+def test_the_docs_example_is_what_the_command_prints(tmp_path: Path) -> None:
+    doc = (REPO / "docs" / "gateway-api.md").read_text()
+    section = doc[doc.index("## Leaving ingress-nginx") :]
+    blocks = re.findall(r"```(?:yaml|text)\n(.*?)```", section, re.S)
+    source, stderr, stdout = blocks[0], blocks[1], blocks[2]
+    (tmp_path / "ingresses.yaml").write_text(source)
+    res = CliRunner().invoke(main, ["ingress", "convert", "--state", str(tmp_path / "ingresses.yaml")])
+    assert res.exit_code == 0
+    assert res.stderr == stderr
+    assert res.stdout == stdout
