@@ -8,7 +8,10 @@ where the original Ingresses send it, according to the pure matchers of both API
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -594,6 +597,17 @@ def test_cli_convert_then_render(tmp_path: Path) -> None:
     )
     assert rendered.exit_code == 0, rendered.stderr
     assert "server_name" in rendered.stdout
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if os.path.exists(nginx):  # and real nginx accepts what was rendered
+        conf = tmp_path / "nginx.conf"
+        conf.write_text(rendered.stdout.replace("/var/lib/kproxy/ingress", str(tmp_path)))
+        r = subprocess.run(
+            [nginx, "-p", f"{tmp_path}/", "-c", str(conf), "-e", "stderr", "-t", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert r.returncode == 0, r.stderr
 
 
 def test_the_docs_example_is_what_the_command_prints(tmp_path: Path) -> None:
