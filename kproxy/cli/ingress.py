@@ -181,6 +181,84 @@ def render(
         raise InputError(f"{len(rejected) + len(reasons)} object(s) or part(s) rejected and --strict given")
 
 
+# --- convert ---------------------------------------------------------------------------------
+
+
+@ingress.command()
+@click.option(
+    "--state",
+    "state_paths",
+    multiple=True,
+    required=True,
+    help="YAML file or directory (repeatable): Ingress, IngressClass, Service, Secret.",
+)
+@click.option("--gateway-class", default="kproxy", show_default=True, help="Name of the GatewayClass written.")
+@click.option(
+    "--gateway-controller-name",
+    default="kproxy.io/gateway-controller",
+    show_default=True,
+    help="spec.controllerName of the GatewayClass written.",
+)
+@click.option(
+    "--gateway-namespace", default="default", show_default=True, help="Namespace of the Gateways (one per class)."
+)
+@click.option("--http-port", default=80, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--https-port", default=443, show_default=True, type=click.IntRange(1, 65535))
+@exits
+def convert(
+    state_paths: tuple[str, ...],
+    gateway_class: str,
+    gateway_controller_name: str,
+    gateway_namespace: str,
+    http_port: int,
+    https_port: int,
+) -> None:
+    """Print Gateway API objects equivalent to the Ingresses in --state (leaving ingress-nginx).
+
+    Every annotation or feature that could not be carried over is named on stderr, per object.
+    """
+    from kproxy.ingress.migrate import MigrateOptions, migrate
+    from kproxy.log import setup
+    from kproxy.sources.files import load_objects
+
+    setup(level="error")
+    import re
+
+    if not re.fullmatch(_DNS_LABEL, gateway_namespace):
+        raise ConfigError(f"--gateway-namespace: {gateway_namespace!r} is not a namespace name")
+    if not re.fullmatch(_DNS_SUBDOMAIN, gateway_class):
+        raise ConfigError(f"--gateway-class: {gateway_class!r} is not a DNS subdomain name")
+    objects = _by_kind(load_objects(state_paths))
+    services, rejected = _services(objects.get("Service", []))
+    result = migrate(
+        objects.get("Ingress", []),
+        services,
+        objects.get("Secret", []),
+        objects.get("IngressClass", []),
+        MigrateOptions(gateway_class, gateway_controller_name, gateway_namespace, http_port, https_port),
+    )
+    for skipped in rejected:
+        click.echo(f"kproxy: skipped {skipped}", err=True)
+    for r in result.reasons:
+        click.echo(f"kproxy: {r}", err=True)
+    click.echo(_yaml_documents(result.objects), nl=False)
+
+
+def _yaml_documents(objects: list[dict[str, Any]]) -> str:
+    """YAML documents without anchors or aliases (shared dicts are written out each time)."""
+    import yaml
+
+    class PlainDumper(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    return str(yaml.dump_all(objects, Dumper=PlainDumper, sort_keys=False))
+
+
+_DNS_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DNS_SUBDOMAIN = r"[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?"
+
+
 GATEWAY_KINDS = ("GatewayClass", "Gateway", "HTTPRoute", "ReferenceGrant")
 
 

@@ -91,11 +91,13 @@ def _render_py(directory: Path, seen: tuple[Path, ...] = ()) -> list[Obj]:
     for component in k.get("components", []):
         target = (directory / component).resolve()
         assert _kustomization(target)["kind"] == "Component", f"{_rel(directory)}: {component} is no Component"
+        for res in _kustomization(target).get("resources", []):
+            objects += _docs(target / res)
         _patch(objects, target, _kustomization(target))
     _patch(objects, directory, k)
     if "namespace" in k:
         for o in objects:
-            if o["kind"] not in ("ClusterRole", "ClusterRoleBinding", "Namespace", "IngressClass"):
+            if o["kind"] not in ("ClusterRole", "ClusterRoleBinding", "Namespace", "IngressClass", "GatewayClass"):
                 o["metadata"]["namespace"] = k["namespace"]
     images = {i["name"]: i for i in k.get("images", [])}
     for container in _containers(objects):
@@ -107,6 +109,23 @@ def _render_py(directory: Path, seen: tuple[Path, ...] = ()) -> list[Obj]:
 
 def _patch(objects: list[Obj], directory: Path, k: Obj) -> None:
     for patch in k.get("patches", []):
+        if "target" in patch:  # an inline JSON 6902 patch: the "add" operations daemonset/ uses
+            t = patch["target"]
+            matches = [o for o in objects if (o["kind"], o["metadata"]["name"]) == (t["kind"], t["name"])]
+            assert len(matches) == 1, f"{_rel(directory)}: targets no single {t['kind']}/{t['name']}"
+            for op in yaml.safe_load(patch["patch"]):
+                assert op["op"] == "add", f"{_rel(directory)}: only add is rendered here"
+                *parents, last = op["path"].strip("/").split("/")
+                node: Any = matches[0]
+                for part in parents:
+                    node = node[int(part)] if isinstance(node, list) else node[part]
+                if last == "-":
+                    node.append(op["value"])
+                elif isinstance(node, list):
+                    node.insert(int(last), op["value"])
+                else:
+                    node[last] = op["value"]
+            continue
         path = directory / patch["path"]
         assert path.exists(), f"{_rel(directory)}: patch {patch['path']} does not exist"
         for p in _docs(path):
@@ -177,8 +196,16 @@ def _mode_of(variant: str) -> str:
 
 def test_the_layout_is_a_base_overlays_and_the_mode_components() -> None:
     assert _kustomization(DAEMONSET)["resources"] == ["base"]
-    assert set(OVERLAYS) == {"iptables", "ipvs", "nftables", "ingress", "ingress-ipvs", "ingress-nftables"}
-    assert {p.name for p in (DAEMONSET / "components").iterdir()} == set(MODE_COMPONENTS)
+    assert set(OVERLAYS) == {
+        "iptables",
+        "ipvs",
+        "nftables",
+        "ingress",
+        "ingress-ipvs",
+        "ingress-nftables",
+        "ingress-gateway",
+    }
+    assert {p.name for p in (DAEMONSET / "components").iterdir()} == {*MODE_COMPONENTS, "gateway-api"}
     for name, overlay in OVERLAYS.items():
         k = _kustomization(overlay)
         assert k["resources"][0] == ("../ingress" if name.startswith("ingress-") else "../../base")
@@ -192,7 +219,7 @@ def test_kustomizations_reference_existing_files_and_render(directory: Path) -> 
     keys = [(o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]) for o in objects]
     assert len(keys) == len(set(keys)), "an object is defined twice"
     listed = {(directory / r).resolve() for r in _kustomization(directory).get("resources", [])}
-    listed |= {(directory / p["path"]).resolve() for p in _kustomization(directory).get("patches", [])}
+    listed |= {(directory / p["path"]).resolve() for p in _kustomization(directory).get("patches", []) if "path" in p}
     unused = [p for p in directory.glob("*.yaml") if p.name != "kustomization.yaml" and p.resolve() not in listed]
     assert not unused, f"YAML files no kustomization uses: {unused}"
 
@@ -233,11 +260,20 @@ def _source(rel: str) -> str:
     return (ROOT / rel).read_text()
 
 
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+
+
 def _resources() -> dict[str, tuple[str, str]]:
-    """CONSTANT -> (API group, plural) from the Resource definitions of kproxy/sources/kube.py."""
-    found = re.findall(r'^([A-Z_]+) = Resource\(\s*"(\w+)",\s*"(\w+)"', _source("kproxy/sources/kube.py"), re.M)
+    """CONSTANT -> (API group, plural) from the Resource definitions of kproxy/sources/kube.py
+    (the Gateway API ones through its `_gateway_api` helper)."""
+    src = _source("kproxy/sources/kube.py")
+    found = re.findall(r'^([A-Z_]+) = Resource\(\s*"(\w+)",\s*"(\w+)"', src, re.M)
     assert len(found) >= 7, "the Resource definitions of kproxy/sources/kube.py changed shape"
-    return {const: (API_GROUPS[api], plural) for const, plural, api in found}
+    out = {const: (API_GROUPS[api], plural) for const, plural, api in found}
+    gateway = re.findall(r'^([A-Z_]+) = _gateway_api\(\s*"(\w+)"', src, re.M)
+    assert len(gateway) == 4, "the Gateway API Resource definitions of kproxy/sources/kube.py changed shape"
+    out.update({const: (GATEWAY_GROUP, plural) for const, plural in gateway})
+    return out
 
 
 def _watched(*files: str) -> set[tuple[str, str, str]]:
@@ -274,13 +310,23 @@ def _writes() -> dict[str, set[tuple[str, str, str]]]:
 
 
 def _writes_of(*files: str) -> set[tuple[str, str, str]]:
-    """What the files write through ApiWriter: named methods, and `event` through a Recorder."""
+    """What the files write through ApiWriter: named methods, and `event` through a Recorder;
+    `patch_gateway_status` (custom objects, the plural an argument) patches the status of the
+    plurals its caller maps kinds to."""
     writes = _writes()
     code = "\n".join(_source(f) for f in files)
     needed: set[tuple[str, str, str]] = set()
     for method, rules in writes.items():
         if re.search(rf"\.{method}\(", code) or (method == "event" and "Recorder(" in code):
             needed |= rules
+    src = _source("kproxy/sources/kube_write.py")
+    assert "def patch_gateway_status" in src and "patch_namespaced_custom_object_status" in src
+    if ".patch_gateway_status(" in code:
+        mapping = re.search(r"plurals = \{([^}]*)\}", code)
+        assert mapping, "the kind → plural map of the Gateway API status writes changed shape"
+        plurals = re.findall(r'"\w+": "(\w+)"', mapping.group(1))
+        assert plurals
+        needed |= {(GATEWAY_GROUP, f"{p}/status", "patch") for p in plurals}
     return needed
 
 
@@ -321,26 +367,59 @@ def test_kproxy_run_role_is_exactly_what_the_daemon_lists_and_watches() -> None:
 
 
 def _gateway_only() -> set[tuple[str, str, str]]:
-    """What the controller lists only with --gateway-api (the import inside that branch); the
-    ingress overlay runs without it, so its role does not grant these."""
+    """What the controller uses only with --gateway-api: what the import inside that branch lists,
+    and the Gateway API status writes."""
     line = next(x for x in _source("kproxy/ingress/controller.py").splitlines() if "GATEWAY_CLASSES" in x)
     resources = _resources()
     out = set()
     for const in set(re.findall(r"\b[A-Z_]+\b", line)) & set(resources):
         group, plural = resources[const]
         out |= {(group, plural, "list"), (group, plural, "watch")}
-    return out
+    return out | {r for r in _writes_of("kproxy/ingress/controller.py") if r[0] == GATEWAY_GROUP}
+
+
+def _granted_to(objects: list[Obj], account: str) -> set[tuple[str, str, str]]:
+    """Everything the ClusterRoles bound to a ServiceAccount grant it."""
+    roles = [
+        b["roleRef"]["name"]
+        for b in objects
+        if b["kind"] == "ClusterRoleBinding" and any(s["name"] == account for s in b["subjects"])
+    ]
+    return set().union(*(_granted(objects, r) for r in roles))
 
 
 def test_ingress_controller_role_is_exactly_what_the_controller_uses() -> None:
+    """overlays/ingress runs without --gateway-api: its role grants nothing Gateway API."""
     objects = _render(OVERLAYS["ingress"])
     expected = _watched("kproxy/ingress/controller.py") | _writes_of("kproxy/ingress/controller.py")
+    assert _gateway_only() <= expected
     expected -= _gateway_only()
     assert ("networking.k8s.io", "ingresses/status", "patch") in expected
     assert ("", "events", "create") in expected
     assert not any(res == "pods" for _, res, _ in expected), "the controller does not watch pods"
+    assert "--gateway-api" not in _container(objects, "DaemonSet", "kproxy-ingress")["command"]
     assert _granted(objects, "kproxy-ingress") == expected
+    assert _granted_to(objects, "kproxy-ingress") == expected
     _bound(objects, "kproxy-ingress", "kproxy-ingress", "kproxy-ingress")
+
+
+def test_gateway_overlay_grants_exactly_what_the_controller_uses_with_gateway_api() -> None:
+    """overlays/ingress-gateway runs --gateway-api: every resource the controller reads or writes
+    then, the Gateway API ones included, and nothing more."""
+    objects = _render(OVERLAYS["ingress-gateway"])
+    expected = _watched("kproxy/ingress/controller.py") | _writes_of("kproxy/ingress/controller.py")
+    gateway = _gateway_only()
+    for plural in ("gatewayclasses", "gateways", "httproutes", "referencegrants"):
+        assert (GATEWAY_GROUP, plural, "watch") in gateway
+    for plural in ("gatewayclasses", "gateways", "httproutes"):
+        assert (GATEWAY_GROUP, f"{plural}/status", "patch") in gateway
+    assert ("", "namespaces", "watch") in gateway
+    assert "--gateway-api" in _container(objects, "DaemonSet", "kproxy-ingress")["command"]
+    assert _granted_to(objects, "kproxy-ingress") == expected
+    _bound(objects, "kproxy-ingress-gateway-api", "kproxy-ingress", "kproxy-ingress")
+    gc = _one(objects, "GatewayClass", "kproxy")
+    params = ingress_controller_cmd.make_context("c", ["--gateway-api"]).params
+    assert gc["spec"]["controllerName"] == params["gateway_controller_name"]
 
 
 def test_hostports_role_is_exactly_what_the_hostport_daemon_uses() -> None:
