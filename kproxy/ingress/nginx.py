@@ -367,23 +367,9 @@ class _Renderer:
         w.line("default", '"upgrade"')
         w.line('""', '""')
         w.close()
-        # X-Forwarded-For is the peer address only: kproxy is the edge, a client-sent list is not
-        # to be trusted (ingress-nginx's default without use-forwarded-headers).
-        headers = (
-            ("Host", "$host"),
-            ("X-Real-IP", "$remote_addr"),
-            ("X-Forwarded-For", "$remote_addr"),
-            ("X-Forwarded-Proto", "$scheme"),
-            ("X-Forwarded-Host", "$host"),
-            ("X-Forwarded-Port", "$server_port"),
-            ("X-Request-ID", "$request_id"),
-            ("Upgrade", "$http_upgrade"),
-            ("Connection", "$kproxy_connection"),
-            ("Proxy", '""'),  # httpoxy
-        )
-        for name, value in headers:
+        for name, value in _BASE_HEADERS:
             w.line("proxy_set_header", name, value)
-        for name, value in headers[:7]:
+        for name, value in _BASE_HEADERS[:7]:
             w.line("grpc_set_header", name, value)
         if self.dollar:
             w.open("geo", "$kproxy_dollar")
@@ -841,6 +827,9 @@ class _Renderer:
 
 _FIRST_CODE = 520  # private status codes for the error_page dispatch (520..589)
 _MAX_CANDIDATES = 70
+# What every proxied request carries. X-Forwarded-For is the peer address only: kproxy is the
+# edge, a client-sent list is not to be trusted (ingress-nginx's default without
+# use-forwarded-headers). The first seven also go to gRPC backends.
 _BASE_HEADERS = (
     ("Host", "$host"),
     ("X-Real-IP", "$remote_addr"),
@@ -851,7 +840,7 @@ _BASE_HEADERS = (
     ("X-Request-ID", "$request_id"),
     ("Upgrade", "$http_upgrade"),
     ("Connection", "$kproxy_connection"),
-    ("Proxy", '""'),
+    ("Proxy", '""'),  # httpoxy
 )
 
 

@@ -464,29 +464,30 @@ def fixed(ctx: NodeContext) -> tuple[tuple[Chain, ...], tuple[Container, ...], t
         Container(n.FIREWALL_IPS, vkey, comment="destinations subject to loadBalancerSourceRanges"),
         Container(n.FIREWALL_ALLOW, f"{vkey} . {addr}", flags=("interval",), comment="allowed sources"),
         Container(n.HAIRPIN, f"{addr} . {addr}", comment="endpoint . endpoint: hairpin traffic"),
-        *(
-            Container(
-                n.backends(p),
-                f"{addr} . inet_service . integer : {addr} . inet_service",
-                "map",
-                comment=f"VIP . port . index: endpoint of a shared-layout {p.upper()} Service port",
-                typeof=f"{ipx} daddr . {p} dport . numgen random mod 1 : {ipx} daddr . {p} dport",
-            )
-            for p in n.PROTOCOLS
-        ),
-        *(
-            Container(
-                n.nodeport_backends(p),
-                f"inet_service . integer : {addr} . inet_service",
-                "map",
-                comment=f"NodePort . index: endpoint of a shared-layout {p.upper()} Service port",
-                typeof=f"{p} dport . numgen random mod 1 : {ipx} daddr . {p} dport",
-            )
-            for p in n.PROTOCOLS
-        ),
+        *_backend_maps(ipx, addr),
     )
     elements = tuple((n.NODEPORT_IPS, ip, "") for ip in nodeports or ())
     return chains, containers, elements
+
+
+def _backend_maps(ipx: str, addr: str) -> tuple[Container, ...]:
+    """Per protocol: `backends-P` (VIP . port . index) and `nodeport-backends-P` (NodePort .
+    index) to endpoint . port, the shared layout's endpoints."""
+    kinds = (
+        (names.backends, "VIP . port", f"{addr} . inet_service", f"{ipx} daddr . {{p}} dport"),
+        (names.nodeport_backends, "NodePort", "inet_service", "{p} dport"),
+    )
+    return tuple(
+        Container(
+            name_of(p),
+            f"{key_type} . integer : {addr} . inet_service",
+            "map",
+            comment=f"{what} . index: endpoint of a shared-layout {p.upper()} Service port",
+            typeof=f"{key.format(p=p)} . numgen random mod 1 : {ipx} daddr . {p} dport",
+        )
+        for name_of, what, key_type, key in kinds
+        for p in names.PROTOCOLS
+    )
 
 
 def _dnat_target(ip: str, port: int) -> str:
