@@ -263,13 +263,19 @@ def _source(rel: str) -> str:
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 
 
+def _group_of(path: str) -> str:
+    """The API group of a collection path: /api/v1/... is the core group, /apis/GROUP/V/..."""
+    parts = path.strip("/").split("/")
+    return "" if parts[0] == "api" else parts[1]
+
+
 def _resources() -> dict[str, tuple[str, str]]:
     """CONSTANT -> (API group, plural) from the Resource definitions of kproxy/sources/kube.py
     (the Gateway API ones through its `_gateway_api` helper)."""
     src = _source("kproxy/sources/kube.py")
-    found = re.findall(r'^([A-Z_]+) = Resource\(\s*"(\w+)",\s*"(\w+)"', src, re.M)
+    found = re.findall(r'^([A-Z_]+) = Resource\(\s*"(\w+)",\s*"(/[\w./-]+)"', src, re.M)
     assert len(found) >= 7, "the Resource definitions of kproxy/sources/kube.py changed shape"
-    out = {const: (API_GROUPS[api], plural) for const, plural, api in found}
+    out = {const: (_group_of(path), plural) for const, plural, path in found}
     gateway = re.findall(r'^([A-Z_]+) = _gateway_api\(\s*"(\w+)"', src, re.M)
     assert len(gateway) == 4, "the Gateway API Resource definitions of kproxy/sources/kube.py changed shape"
     out.update({const: (GATEWAY_GROUP, plural) for const, plural in gateway})

@@ -9,6 +9,7 @@ backends are checked as a client sees them. Gateway port 80 is served on nginx's
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     gws = [
         gateway("main", listener("http", allowedRoutes={"namespaces": {"from": "All"}}, hostname="*.main.test")),
         listener_hostname_gateway(),
-        HOSTNAME_INTERSECTION_GATEWAY,
+        copy.deepcopy(HOSTNAME_INTERSECTION_GATEWAY),  # the unit table's constant: renamed here
     ]
     gws[1]["metadata"]["name"] = "lhm"
     gws[2]["metadata"]["name"] = "hi"
