@@ -22,7 +22,7 @@ from kproxy.proxier import names
 from kproxy.proxier.iptables.trace import UNTOUCHED
 from kproxy.proxier.ipvs import plan as pvp
 from kproxy.proxier.ipvs import render as pv
-from kproxy.proxier.ipvs.proxier import IpvsProxier, without_addresses
+from kproxy.proxier.ipvs.proxier import IpvsProxier
 from kproxy.state import build_state
 from kproxy.testing.builders import endpoint, endpoint_slice, node, service
 from kproxy.testing.fakeiptables import FakeIptables
@@ -216,7 +216,7 @@ def test_dummy_addresses_are_not_node_ips() -> None:
     ctx = NodeContext(
         IPFamily.V4, "node-1", local_ips=("127.0.0.1", "172.30.0.41", "192.168.0.2"), node_ip="172.30.0.41"
     )
-    fixed = without_addresses(ctx, {"172.30.0.41"})
+    fixed = pv.without_addresses(ctx, {"172.30.0.41"})
     assert fixed.local_ips == ("127.0.0.1", "192.168.0.2") and fixed.node_ip == "192.168.0.2"
 
 

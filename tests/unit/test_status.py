@@ -22,7 +22,7 @@ from kproxy.proxier.nftables.status import differences as nft_differences
 from kproxy.state import build_state
 from kproxy.status import WIDTH, KernelObject, ServiceTable, expected_objects, only_service, service_table, text
 from kproxy.testing.builders import endpoint, endpoint_slice, service
-from kproxy.testing.flows import BASE_CFG, LOCAL_POD, REMOTE_POD, SCENARIOS, ZONE_A, Scenario, spread
+from kproxy.testing.flows import BASE_CFG, EXT_IP, LOCAL_POD, NODE_IP, REMOTE_POD, SCENARIOS, ZONE_A, Scenario, spread
 from kproxy.view import FamilyView, family_view, node_context
 
 HOST = ("127.0.0.1", "192.168.0.2")
@@ -321,3 +321,98 @@ def test_v6_and_unused_config_fields() -> None:
     table = table_of(Scenario("v6", objs, [], cfg), "nftables", IPFamily.V6)
     out = text(table.to_json())
     assert "[fd00:172:30::41]:80 (cluster)" in out and "[fd00:10:1::10]:80" in out
+
+
+# -- the IPVS mode: what status describes is what the proxier programs -------------------------
+
+
+def _ipvs_node(objs: list[dict[str, Any]]) -> tuple[Any, FamilyView, Any]:
+    """A proxier over fakes after two syncs of `objs` (the second sees the VIPs it bound), the
+    view, and the node context as the daemon builds it: every address of the namespace, those
+    on kproxy-ipvs0 included (`local_addresses` does not tell them apart)."""
+    from kproxy.proxier.ipvs.proxier import IpvsProxier
+    from kproxy.testing.fakeiptables import FakeIptables
+    from kproxy.testing.ipvs_fakes import FakeDummy, FakeIpset, FakeIpvs
+
+    fake_ipt = FakeIptables()
+    proxier = IpvsProxier(
+        IPFamily.V4, CFG.ipvs, ipvs=FakeIpvs(), ipset=FakeIpset(fake_ipt), iptables=fake_ipt, device=FakeDummy(),
+        sysctl=lambda k, v: False, kernel=(6, 1),
+    )  # fmt: skip
+    state, rejected = build_state(objs)
+    assert not rejected
+    view = family_view(state, IPFamily.V4)
+    for _ in range(2):
+        proxier.sync(view, node_context(validate(BASE_CFG), IPFamily.V4, None, HOST))
+    host = (*HOST, *sorted(proxier.device.addresses()))
+    return proxier, view, node_context(validate(BASE_CFG), IPFamily.V4, None, host)
+
+
+def _ipvs_servers(proxier: Any) -> set[str]:
+    from kproxy.proxier.ipvs import render as pv
+    from kproxy.proxier.ipvs.status import vs_name
+
+    return {vs_name(s.protocol.value, pv.fmt_addr(s.ip, s.port)) for s in proxier.ipvs.services()}
+
+
+def _ipvs_check(proxier: Any, objects: list[KernelObject], host: Iterable[str]) -> list[str]:
+    from kproxy.proxier.ipvs.status import check
+
+    ours = set(host) | proxier.device.addresses()
+    return check(objects, IPFamily.V4, ours, proxier.ipvs, proxier.ipset, proxier.iptables, complete=True)
+
+
+def test_ipvs_status_leaves_the_dummy_device_addresses_out_of_the_node_addresses() -> None:
+    """A NodePort's virtual servers go on node addresses; the VIPs the IPVS mode binds to
+    kproxy-ipvs0 (an external IP here) are local addresses too, but the proxier renders without
+    them. Status must as well, or it lists a NodePort virtual server on the external IP that no
+    sync writes, and `--check` calls it missing on a healthy node."""
+    from kproxy.proxier.ipvs.status import VS, describe
+
+    objs = [
+        service(type="NodePort", node_port=30080),
+        endpoint_slice(),
+        service("ext", cluster_ip="172.30.0.42", external_ips=[EXT_IP]),
+        endpoint_slice("ext"),
+    ]
+    proxier, view, ctx = _ipvs_node(objs)
+    assert EXT_IP in ctx.local_ips
+    bound = proxier.device.addresses()
+    objects = [o for objs_ in describe(CFG.ipvs, view, ctx, bound).values() for o in objs_]
+    assert {o.name for o in objects if o.kind == VS} == _ipvs_servers(proxier)
+    assert _ipvs_check(proxier, objects, ctx.local_ips) == []
+    # Narrowed to one Service (`--service`), the other Services' ClusterIPs stay out too.
+    one = {n: p for n, p in view.ports.items() if n.name == "svc1"}
+    narrowed = describe(CFG.ipvs, FamilyView(one, view.endpoints), ctx, bound)
+    assert {o.name for objs_ in narrowed.values() for o in objs_ if o.kind == VS} == {
+        "TCP 172.30.0.41:80",
+        f"TCP {NODE_IP}:30080",
+    }
+
+
+def test_the_ipvs_mode_reads_the_dummy_devices_addresses_for_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kproxy.backends.dummy import DummyDevice
+
+    proxier, view, ctx = _ipvs_node([service(type="NodePort", node_port=30080), endpoint_slice(),
+                                     service("ext", cluster_ip="172.30.0.42", external_ips=[EXT_IP])])  # fmt: skip
+    monkeypatch.setattr(DummyDevice, "addresses", lambda self, family=None: proxier.device.addresses(family))
+    described = registry.MODES["ipvs"].load().describe(CFG, view, ctx)
+    names = {o.name for objs_ in described.values() for o in objs_ if o.kind == "virtual-server"}
+    assert names == _ipvs_servers(proxier)
+
+
+def test_ipvs_check_names_a_real_server_and_an_ipset_entry_removed_by_hand() -> None:
+    from kproxy.model import Protocol
+    from kproxy.proxier.ipvs.status import describe
+
+    proxier, view, ctx = _ipvs_node([service(), endpoint_slice()])
+    objects = [o for objs_ in describe(CFG.ipvs, view, ctx, proxier.device.addresses()).values() for o in objs_]
+    assert _ipvs_check(proxier, objects, ctx.local_ips) == []
+    proxier.ipvs.delete_dest(Protocol.TCP, "172.30.0.41", 80, "10.0.2.10", 80)
+    proxier.ipset.restore("del KPROXY-CLUSTER-IP 172.30.0.41,tcp:80\n")
+    assert _ipvs_check(proxier, objects, ctx.local_ips) == [
+        "missing: real server 10.0.2.10:80 of TCP 172.30.0.41:80",
+        "missing: ipset entry KPROXY-CLUSTER-IP: 172.30.0.41,tcp:80",
+    ]
+    proxier.ipvs.delete_service(Protocol.TCP, "172.30.0.41", 80)
+    assert _ipvs_check(proxier, objects, ctx.local_ips)[0] == "missing: virtual server TCP 172.30.0.41:80"

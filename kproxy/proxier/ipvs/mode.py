@@ -173,33 +173,23 @@ def leave_ipvs_mode(variant: str) -> str | None:
 
 def check_ipvs(cfg: RunConfig, family: IPFamily, expected: Any, complete: bool) -> list[str]:
     """`kproxy status --check` in the IPVS mode: the IPVS table, the ipsets and the nat chains of
-    this kernel against `expected`. Only virtual servers on the node's or the dummy device's
-    addresses count as ours (others may be another tool's)."""
+    this kernel against `expected` (`status.check`). Only virtual servers on the node's or the
+    dummy device's addresses count as ours (others may be another tool's)."""
     from kproxy.backends.dummy import DummyDevice
     from kproxy.backends.host import local_addresses
     from kproxy.backends.ipset import Ipset
     from kproxy.backends.iptables import Iptables
     from kproxy.backends.ipvs import Ipvs
     from kproxy.proxier.iptables.mode import node_variant
-    from kproxy.proxier.ipvs.status import differences, vs_name
+    from kproxy.proxier.ipvs.status import check
 
     try:
         ours = set(DummyDevice(names.IPVS_DEVICE).addresses(family)) | set(local_addresses(family))
     except BackendError:
         ours = set(local_addresses(family))
-    servers: dict[str, set[str]] = {}
+    iptables = Iptables(family, node_variant(cfg, dry_run=False))
     with Ipvs() as ipvs:
-        for svc in ipvs.services(family):
-            if svc.ip in ours:
-                servers[vs_name(svc.protocol.value, pv.fmt_addr(svc.ip, svc.port))] = {
-                    pv.fmt_addr(d.ip, d.port) for d in ipvs.dests(svc.protocol, svc.ip, svc.port)
-                }
-    ipsets = {
-        n: frozenset(pv.canonical_entry(e.type, x) for x in e.entries)
-        for n, e in Ipset().save(lambda n: pv.owns_set(n, family)).items()
-    }
-    saved = Iptables(family, node_variant(cfg, dry_run=False)).save(("nat",))
-    return differences(expected, servers, ipsets, saved.chains, complete)
+        return check(expected, family, ours, ipvs, Ipset(), iptables, complete)
 
 
 class IpvsMode:
@@ -222,9 +212,16 @@ class IpvsMode:
         return trace_ipvs(cfg, state, family, host, packet)
 
     def describe(self, cfg: RunConfig, view: Any, ctx: Any) -> Any:
+        from kproxy.backends.dummy import DummyDevice
         from kproxy.proxier.ipvs.status import describe
 
-        return describe(cfg.ipvs, view, ctx)
+        # The daemon's and the command's contexts list every address of the namespace; the
+        # proxier renders without the VIPs on the dummy device, and so must status.
+        try:
+            bound = DummyDevice(names.IPVS_DEVICE).addresses(ctx.family)
+        except BackendError:
+            bound = set()
+        return describe(cfg.ipvs, view, ctx, bound)
 
     def check(self, cfg: RunConfig, family: IPFamily, expected: Any, complete: bool) -> list[str]:
         return check_ipvs(cfg, family, expected, complete)

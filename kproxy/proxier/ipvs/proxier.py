@@ -25,7 +25,6 @@ the namespace of that thread).
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,18 +85,6 @@ class IpvsSyncResult(BaseResult):
 
     def notes(self) -> list[str]:
         return [f"{self.draining} real servers draining"] if self.draining else []
-
-
-def without_addresses(ctx: NodeContext, bound: set[str]) -> NodeContext:
-    """The node context with the dummy device's addresses taken out: they are VIPs, not node IPs."""
-    if not bound:
-        return ctx
-    local = tuple(a for a in ctx.local_ips if a not in bound)
-    nodeport_ips = None if ctx.nodeport_ips is None else tuple(a for a in ctx.nodeport_ips if a not in bound)
-    node_ip = ctx.node_ip
-    if node_ip in bound:
-        node_ip = next((a for a in local if not ipaddress.ip_address(a).is_loopback), "")
-    return dataclasses.replace(ctx, local_ips=local, nodeport_ips=nodeport_ips, node_ip=node_ip)
 
 
 def kernel_state(entries: list[Any]) -> dict[pv.VSKey, pvp.KernelService]:
@@ -183,7 +170,7 @@ class IpvsProxier:
             if not dry_run:
                 raise
             bound = set()
-        ctx = without_addresses(ctx, bound)
+        ctx = pv.without_addresses(ctx, bound)
         desired = self.render(view, ctx)
         t1 = time.perf_counter()
         result = IpvsSyncResult(

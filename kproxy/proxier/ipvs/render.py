@@ -51,8 +51,8 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Set
+from dataclasses import dataclass, field, replace
 
 from kproxy.config import DEFAULT_SCHEDULER, IpvsConfig
 from kproxy.heap import gc_paused
@@ -381,6 +381,21 @@ def _net_entry(cidr: str) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Render
+
+
+def without_addresses(ctx: NodeContext, bound: Set[str]) -> NodeContext:
+    """The node context with the dummy device's addresses taken out: they are VIPs, not node IPs.
+
+    The namespace's address list holds them too, so every caller that renders (a sync, `trace`,
+    `kproxy status`) takes them out first, or a NodePort gains virtual servers on the VIPs."""
+    if not bound:
+        return ctx
+    local = tuple(a for a in ctx.local_ips if a not in bound)
+    nodeport_ips = None if ctx.nodeport_ips is None else tuple(a for a in ctx.nodeport_ips if a not in bound)
+    node_ip = ctx.node_ip
+    if node_ip in bound:
+        node_ip = next((a for a in local if not ipaddress.ip_address(a).is_loopback), "")
+    return replace(ctx, local_ips=local, nodeport_ips=nodeport_ips, node_ip=node_ip)
 
 
 def nodeport_addresses(ctx: NodeContext, vips: Iterable[str] = ()) -> tuple[str, ...]:
