@@ -64,17 +64,18 @@ class Container:
     """A named set or map of the table."""
 
     name: str
+    # Named types ("ipv4_addr . inet_service"), or with `typeof` the expressions whose types
+    # they are (a numgen key has no named type).
     type: str
     kind: str = "set"  # or "map"
     flags: tuple[str, ...] = ()
     timeout: int = 0
     comment: str = ""
-    # Declared by expressions instead (a numgen key has no named type): `typeof ...`.
-    typeof: str = ""
+    typeof: bool = False
 
     def spec(self) -> str:
         """The body of `add set|map ip kproxy NAME { ... }`."""
-        parts = [f"typeof {self.typeof} ;" if self.typeof else f"type {self.type} ;"]
+        parts = [f"{'typeof' if self.typeof else 'type'} {self.type} ;"]
         if self.flags:
             parts.append(f"flags {','.join(self.flags)} ;")
         if self.timeout:
@@ -464,28 +465,28 @@ def fixed(ctx: NodeContext) -> tuple[tuple[Chain, ...], tuple[Container, ...], t
         Container(n.FIREWALL_IPS, vkey, comment="destinations subject to loadBalancerSourceRanges"),
         Container(n.FIREWALL_ALLOW, f"{vkey} . {addr}", flags=("interval",), comment="allowed sources"),
         Container(n.HAIRPIN, f"{addr} . {addr}", comment="endpoint . endpoint: hairpin traffic"),
-        *_backend_maps(ipx, addr),
+        *_backend_maps(ipx),
     )
     elements = tuple((n.NODEPORT_IPS, ip, "") for ip in nodeports or ())
     return chains, containers, elements
 
 
-def _backend_maps(ipx: str, addr: str) -> tuple[Container, ...]:
+def _backend_maps(ipx: str) -> tuple[Container, ...]:
     """Per protocol: `backends-P` (VIP . port . index) and `nodeport-backends-P` (NodePort .
     index) to endpoint . port, the shared layout's endpoints."""
     kinds = (
-        (names.backends, "VIP . port", f"{addr} . inet_service", f"{ipx} daddr . {{p}} dport"),
-        (names.nodeport_backends, "NodePort", "inet_service", "{p} dport"),
+        (names.backends, "VIP . port", f"{ipx} daddr . {{p}} dport"),
+        (names.nodeport_backends, "NodePort", "{p} dport"),
     )
     return tuple(
         Container(
             name_of(p),
-            f"{key_type} . integer : {addr} . inet_service",
+            f"{key.format(p=p)} . numgen random mod 1 : {ipx} daddr . {p} dport",
             "map",
             comment=f"{what} . index: endpoint of a shared-layout {p.upper()} Service port",
-            typeof=f"{key.format(p=p)} . numgen random mod 1 : {ipx} daddr . {p} dport",
+            typeof=True,
         )
-        for name_of, what, key_type, key in kinds
+        for name_of, what, key in kinds
         for p in names.PROTOCOLS
     )
 
