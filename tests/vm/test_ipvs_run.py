@@ -182,12 +182,11 @@ def test_an_endpoint_change_is_one_real_server_write(env: Env) -> None:
 
     A change that arrives when the periodic full sync is due rides on that full sync, which
     rewrites the (few) iptables rules as well: correct, but not what this test is about. So the
-    change is made right after a periodic sync, leaving the rest of its period (the period less
-    that sync's duration: the next full one is due a period after it started) for its partial
-    one, and made again (five tries at most) if it still fell on a periodic sync.
+    change is made right after a periodic sync, leaving a whole sync period for its partial one,
+    and made again (three tries at most) if it still fell on a periodic sync.
     """
     try:
-        for _ in range(5):
+        for _ in range(3):
             change = remove_pod_1b_after_a_periodic_sync(env)
             assert change["ipvs_writes"] == 1
             if change["kind"] == "partial":
