@@ -490,9 +490,7 @@ class Daemon:
             self._first_done = True
             self._leave_other_mode()
         if full:
-            # From the start, as the runner's next wake-up: a full sync that took seconds would
-            # otherwise not be due at that wake-up, and the next one would come two periods on.
-            self._next_periodic_full = now + self.cfg.proxy.sync_period
+            self._next_periodic_full = self._clock.now() + self.cfg.proxy.sync_period
             keep_long_lived()
         if verify:
             self._next_verify = now + self.cfg.proxy.sync_period

@@ -781,26 +781,3 @@ def test_ipvs_mode_repairs_flushed_rules_within_one_sync_period(world: World) ->
     [line] = sync_lines(logs)
     assert (line["kind"], line["reason"]) == ("full", "canary")
     assert world.ipt.tables == wanted
-
-
-def test_ipvs_mode_periodic_full_sync_counts_its_period_from_the_last_ones_start(world: World) -> None:
-    """A full sync that takes a while must not push the next one a whole period past its end:
-    the runner wakes a period after the last sync started, and the periodic full read-back is
-    due then (a VM run saw them 2 periods apart when the first one took seconds)."""
-    add_service = world.ipvs.add_service
-
-    def slow_add_service(*args: Any, **kwargs: Any) -> None:
-        world.clock.advance(10)  # the first full sync takes 10 s (fake time)
-        world.ipvs.add_service = add_service  # type: ignore[method-assign]
-        add_service(*args, **kwargs)
-
-    world.ipvs.add_service = slow_add_service  # type: ignore[method-assign]
-    daemon = world.start("proxy-mode=ipvs")
-    world.settle(daemon, 1)
-    world.ipvs.delete_dest(*VS, "10.0.1.10", 80)  # by hand: only a full read sees it
-    with capture_logs() as logs:
-        world.clock.advance(SYNC_PERIOD - 10)  # a period after the first sync started
-        world.settle(daemon, 2)
-    [periodic] = sync_lines(logs)
-    assert (periodic["kind"], periodic["reason"]) == ("full", "periodic")
-    assert world.ipvs.real_servers(VS) == {("10.0.1.10", 80): 1}
