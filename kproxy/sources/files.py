@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from kproxy.errors import InputError
+from kproxy.sources import yaml_parallel
 from kproxy.sources.streaming import Document, json_documents, yaml_documents
 
 
@@ -107,7 +108,7 @@ def _documents(f: Path, loader: type[yaml.SafeLoader]) -> Iterator[Document]:
         return json_documents(text, str(f))
     if text.lstrip()[:1] in ("{", "["):  # `kubectl get -o json` saved as .yaml: JSON is faster
         return _json_else_yaml(text, loader, str(f))
-    return yaml_documents(text, loader, str(f))
+    return yaml_parallel.documents(text, loader, str(f))
 
 
 def _json_else_yaml(text: str, loader: type[yaml.SafeLoader], source: str) -> Iterator[Document]:

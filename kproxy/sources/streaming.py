@@ -21,7 +21,7 @@ import json
 import re
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from yaml import events as ev
@@ -147,7 +147,7 @@ def yaml_documents(text: str, loader_cls: type[yaml.SafeLoader], source: str) ->
     # The parser's methods are untyped in the stubs, and CParser is not a SafeLoader subclass.
     loader: Any = loader_cls(text)
     try:
-        builder = _YamlBuilder(loader)
+        builder = YamlBuilder(loader)
         loader.get_event()  # StreamStart
         while not loader.check_event(ev.StreamEndEvent):
             loader.get_event()  # DocumentStart
@@ -172,7 +172,15 @@ def _yaml_errors(values: Iterator[Any], source: str) -> Iterator[Any]:
         raise InputError(f"{source}: not YAML: {e}") from e
 
 
-class _YamlBuilder:
+class ItemsWatch(Protocol):
+    """Sees where a document's ``items`` start and end (`YamlBuilder.mapping_streaming_items`)."""
+
+    def start(self, event: Any) -> None: ...
+
+    def end(self, event: Any, held: list[Any]) -> Iterator[Any]: ...
+
+
+class YamlBuilder:
     """Python objects straight from the parser's events, with the loader's resolver and
     constructors (what `yaml.load` does through a node graph, without keeping one).
 
@@ -225,9 +233,14 @@ class _YamlBuilder:
         self._anchor(event, value)
         return value
 
-    def mapping_streaming_items(self, doc: Document) -> Iterator[Any]:
+    def mapping_streaming_items(self, doc: Document, watch: ItemsWatch | None = None) -> Iterator[Any]:
         """The document's root mapping into `doc.head`, but for an ``items`` sequence, whose
-        elements are yielded one by one."""
+        elements are yielded one by one.
+
+        With `watch`, the sequence's start event goes to `watch.start` before any element is
+        built; each element is then yielded only once the next one is built (so it is known to
+        have ended before it), and the last one goes to `watch.end` with the sequence's end
+        event, to yield as it sees fit, before the members after ``items``."""
         loader = self.loader
         head = doc.head
         event = loader.get_event()  # MappingStart
@@ -236,10 +249,20 @@ class _YamlBuilder:
             key = self.build()
             if key == "items" and loader.check_event(ev.SequenceStartEvent) and not loader.peek_event().anchor:
                 doc.listed = True
-                loader.get_event()
+                start = loader.get_event()
+                if watch is None:
+                    while not loader.check_event(ev.SequenceEndEvent):
+                        yield self.build()
+                    loader.get_event()
+                    continue
+                watch.start(start)
+                held: list[Any] = []
                 while not loader.check_event(ev.SequenceEndEvent):
-                    yield self.build()
-                loader.get_event()
+                    item = self.build()
+                    if held:
+                        yield held.pop()
+                    held.append(item)
+                yield from watch.end(loader.get_event(), held)
                 continue
             self._member(head, key, self.build())
         loader.get_event()
