@@ -141,6 +141,10 @@ _STR = "tag:yaml.org,2002:str"
 _MERGE = "tag:yaml.org,2002:merge"
 _MAP = "tag:yaml.org,2002:map"
 _SEQ = "tag:yaml.org,2002:seq"
+_SCALAR = ev.ScalarEvent
+_MAPPING_START, _MAPPING_END = ev.MappingStartEvent, ev.MappingEndEvent
+_SEQUENCE_START, _SEQUENCE_END = ev.SequenceStartEvent, ev.SequenceEndEvent
+_MISSING = object()
 
 
 def yaml_documents(text: str, loader_cls: type[yaml.SafeLoader], source: str) -> Iterator[Document]:
@@ -194,32 +198,37 @@ class YamlBuilder:
         self._plain: dict[str, Any] = {}  # a plain scalar's text -> its value, built once
         # tag -> SafeConstructor's function (None's raises "could not determine a constructor").
         self._constructors: dict[Any, Callable[..., Any]] = loader.yaml_constructors
+        # A quoted scalar without a tag is a string, unless path resolvers say otherwise.
+        self._quoted_are_strings = not getattr(loader, "yaml_path_resolvers", None)
 
     def build(self) -> Any:
         return self._node(self.loader.get_event())
 
     def _node(self, event: Any) -> Any:
         kind = type(event)
-        if kind is ev.ScalarEvent:
+        if kind is _SCALAR:
             if event.anchor is None and event.tag is None and event.implicit[0]:
                 # plain and untagged, by far the most common: its type depends on its text alone
-                try:
-                    return self._plain[event.value]
-                except KeyError:
-                    pass
+                value = self._plain.get(event.value, _MISSING)
+                if value is not _MISSING:
+                    return value
             value = self._scalar(event)
-        elif kind is ev.MappingStartEvent:
+        elif kind is _MAPPING_START:
             value = {}
-            self._anchor(event, value)
+            if event.anchor is not None or event.tag is not None:
+                self._anchor(event, value)
             self._members(value)
             return value
-        elif kind is ev.SequenceStartEvent:
+        elif kind is _SEQUENCE_START:
             value = []
-            self._anchor(event, value)
+            if event.anchor is not None or event.tag is not None:
+                self._anchor(event, value)
             get = self.loader.get_event
+            node = self._node
+            append = value.append
             item = get()
-            while type(item) is not ev.SequenceEndEvent:
-                value.append(self._node(item))
+            while type(item) is not _SEQUENCE_END:
+                append(node(item))
                 item = get()
             return value
         elif kind is ev.AliasEvent:
@@ -270,14 +279,23 @@ class YamlBuilder:
     def _members(self, mapping: dict[Any, Any]) -> None:
         get = self.loader.get_event
         node = self._node
+        plain = self._plain
         event = get()
-        while type(event) is not ev.MappingEndEvent:
-            key = node(event)
+        while type(event) is not _MAPPING_END:
+            # A key is nearly always a plain scalar already met: looked up here, not in _node.
+            if (
+                type(event) is not _SCALAR
+                or event.anchor is not None
+                or event.tag is not None
+                or not event.implicit[0]
+                or (key := plain.get(event.value, _MISSING)) is _MISSING
+            ):
+                key = node(event)
             value = node(get())
-            if key is _MERGE_KEY or type(key) is not str:
-                self._member(mapping, key, value)
-            else:
+            if type(key) is str:
                 mapping[key] = value
+            else:  # the merge key, or a key that is not a string
+                self._member(mapping, key, value)
             event = get()
 
     def _member(self, mapping: dict[Any, Any], key: Any, value: Any) -> None:
@@ -316,6 +334,8 @@ class YamlBuilder:
                 value = _MERGE_KEY if tag == _MERGE else self._value(tag, text, event)
                 self._plain[text] = value
                 return value
+            if tag is None and self._quoted_are_strings:
+                return text
             tag = self.loader.resolve(yaml.ScalarNode, text, (False, True))
         return self._value(tag, text, event)
 
