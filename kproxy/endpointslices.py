@@ -9,6 +9,7 @@ deterministic.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from operator import attrgetter
 
 from kproxy.model import Endpoint, EndpointSlice, IPFamily, ServicePortName
 
@@ -21,19 +22,23 @@ def endpoints_by_port(slices: Iterable[EndpointSlice], family: IPFamily) -> dict
         for sp in es.ports:
             name = ServicePortName(es.namespace, es.service_name, sp.name, sp.protocol)
             bucket = merged.setdefault(name, {})
+            port = sp.port
             for se in es.endpoints:
-                key = (se.ip, sp.port)
-                if key in bucket and bucket[key].ready:
+                key = (se.ip, port)
+                known = bucket.get(key)
+                if known is not None and known.ready:
                     continue
+                # positional: once per endpoint and port, 100,000 times at 10,000 Services
                 bucket[key] = Endpoint(
-                    ip=se.ip,
-                    port=sp.port,
-                    ready=se.ready,
-                    serving=se.serving,
-                    terminating=se.terminating,
-                    node_name=se.node_name,
-                    zone=se.zone,
-                    zone_hints=se.zone_hints,
-                    node_hints=se.node_hints,
+                    se.ip,
+                    port,
+                    se.ready,
+                    se.serving,
+                    se.terminating,
+                    se.node_name,
+                    se.zone,
+                    se.zone_hints,
+                    se.node_hints,
                 )
-    return {name: tuple(sorted(bucket.values(), key=lambda ep: ep.addr)) for name, bucket in merged.items()}
+    by_addr = attrgetter("addr")
+    return {name: tuple(sorted(bucket.values(), key=by_addr)) for name, bucket in merged.items()}

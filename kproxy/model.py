@@ -115,6 +115,13 @@ class ServicePort:
 
     def for_family(self, family: IPFamily) -> ServicePort | None:
         """This port as the proxier of one family sees it, or None if it has no IP there."""
+        v6 = family is IPFamily.V6
+        if len(self.cluster_ips) == 1 and all(
+            (":" in ip) is v6
+            for ips in (self.cluster_ips, self.external_ips, self.lb_ips, self.lb_source_ranges)
+            for ip in ips
+        ):
+            return self  # single stack, nearly every Service: already this family's whole view
         cluster = tuple(ip for ip in self.cluster_ips if family_of(ip) == family)
         if not cluster:
             return None
