@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Every kproxy process runs this tree's code, whatever the venv's editable install points at.
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
 KPROXY = [sys.executable, "-m", "kproxy.cli.main"]
+# The same command, reporting its own peak RSS apart from its children's (own_peak.py).
+KPROXY_OWN_PEAK = [sys.executable, str(Path(__file__).with_name("own_peak.py")), "kproxy.cli.main"]
 PREFIX = "kpbench"
 
 

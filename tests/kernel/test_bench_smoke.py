@@ -64,6 +64,12 @@ def test_the_process_benchmark_runs_kproxy_sync_and_run_at_100_services(tmp_path
             assert column["sync"][step]["status"] == "ok", (name, step, column["sync"][step])
         assert column["sync"]["floor"]["change"]["status"] == "ok"
         assert all(column["sync"][f][k] > 0 for f in ("yaml", "json") for k in ("wall_s", "apply_s", "peak_rss_mib"))
+        for f in ("yaml", "json"):  # kproxy's own peak apart from its children's, the larger of which wait4 gives
+            sync = column["sync"][f]
+            assert (
+                0 < sync["own_rss_mib"] <= sync["peak_rss_mib"] and 0 < sync["children_rss_mib"] <= sync["peak_rss_mib"]
+            )
+            assert max(sync["own_rss_mib"], sync["children_rss_mib"]) == pytest.approx(sync["peak_rss_mib"], rel=0.05)
         run = column["run"]
         assert run["status"] == "ok", run
         assert len(run["changes"]) == 5 and run["verified_in_kernel"] is True
