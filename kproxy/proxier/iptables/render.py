@@ -329,7 +329,7 @@ def render_service(svc: ServicePort, eps: tuple[Endpoint, ...], ctx: NodeContext
 
     chains: list[tuple[str, tuple[str, ...]]] = []
     detector = ctx.local_detector
-    seps = {ep.addr: names.endpoint_chain(spn, ep.addr) for ep in sets.reachable}
+    seps = names.endpoint_chains(spn, [ep.addr for ep in sets.reachable])
 
     # Masquerading for ClusterIP traffic is written at the head of the internal policy chain.
     internal_head: list[str] = []
