@@ -28,7 +28,7 @@ import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice, pairwise
-from typing import IO, Any
+from typing import Any
 
 import yaml
 from yaml import events as ev
@@ -39,8 +39,8 @@ from kproxy.sources.streaming import Document, YamlBuilder, yaml_documents
 MIN_SIZE = 1 << 20  # below about 700 Services a fork costs more than it saves
 MAX_PARTS = 4
 # This process converts every item besides parsing its own part: it takes a smaller one.
-OWN_SHARE = 0.9
-BATCH = 512  # items per marshal record: small enough to convert as they are read
+OWN_SHARE = 0.6
+BATCH = 256  # items per record: this process converts them while the child parses the next
 
 _ITEMS = re.compile(r"^items:[ \t]*\n(?=-[ \n])", re.M)
 # The first line at column 0 that is not an item, a comment or blank: where the items end.
@@ -185,52 +185,89 @@ class _Parallel:
 
 @dataclass
 class _Child:
-    """A forked process parsing one part of the items into a memfd."""
+    """A forked process parsing one part of the items.
+
+    Each batch of items goes to a memfd as one record (a tag, a size, the bytes), then one byte
+    to a pipe says it is there, so this process converts a child's first items while the child
+    still parses its last. A memfd, not the pipe itself, carries the items: a pipe holds 64 KiB,
+    and a child blocked on a full pipe while this process parses its own part would be idle."""
 
     pid: int
-    fd: int
+    fd: int  # the memfd
+    notes: int  # the pipe's read end
     done: bool = False
 
     @classmethod
     def start(cls, part: str, loader_cls: type[yaml.SafeLoader]) -> _Child:
         fd = os.memfd_create("kproxy-yaml-items", os.MFD_CLOEXEC)
+        notes, noting = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child's coverage is not collected
             status = 1
             try:
+                os.close(notes)
                 gc.disable()
-                with open(fd, "wb", closefd=False) as out:
-                    _write_items(part, loader_cls, out)
+                _write_items(part, loader_cls, _Records(fd, noting))
                 status = 0
             finally:
                 os._exit(status)
-        return cls(pid, fd)
+        os.close(noting)  # so that the child's end is the last: EOF when it exits
+        return cls(pid, fd, notes)
 
     def items(self) -> Iterator[Any]:
+        offset = 0  # this process's own: the file offset is shared with the child's writes
+        while True:
+            notes = os.read(self.notes, 4096)
+            if not notes:  # the child ended without its last record
+                self._reap()
+                raise _Doubt
+            for _ in notes:
+                head = self._pread(9, offset)
+                tag, size = head[:1], int.from_bytes(head[1:], "little")
+                data = self._pread(size, offset + 9)
+                offset += 9 + size
+                if tag == b"e":
+                    if self._reap() != 0:
+                        raise _Doubt
+                    return
+                yield from (marshal.loads(data) if tag == b"m" else pickle.loads(data))
+
+    def _pread(self, size: int, offset: int) -> bytes:
+        data = os.pread(self.fd, size, offset)
+        if len(data) != size:
+            raise _Doubt
+        return data
+
+    def _reap(self) -> int:
         _, status = os.waitpid(self.pid, 0)
         self.done = True
-        if status != 0:
-            raise _Doubt
-        with open(self.fd, "rb", closefd=False) as f:
-            f.seek(0)  # the child's writes moved the offset the two share
-            while (tag := f.read(1)) != b"e":
-                if tag not in (b"m", b"p"):
-                    raise _Doubt
-                size = int.from_bytes(f.read(8), "little")
-                data = f.read(size)
-                yield from (marshal.loads(data) if tag == b"m" else pickle.loads(data))
+        return status
 
     def stop(self) -> None:
         if not self.done:
             os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-            self.done = True
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            self._reap()
+        for fd in (self.fd, self.notes):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.notes = -1
 
 
-def _write_items(part: str, loader_cls: type[yaml.SafeLoader], out: IO[bytes]) -> None:
+@dataclass
+class _Records:
+    """The child's side: records into the memfd, a byte to the pipe for each."""
+
+    fd: int
+    noting: int
+
+    def write(self, tag: bytes, data: bytes) -> None:
+        record = memoryview(tag + len(data).to_bytes(8, "little") + data)
+        while record:
+            record = record[os.write(self.fd, record) :]
+        os.write(self.noting, b".")
+
+
+def _write_items(part: str, loader_cls: type[yaml.SafeLoader], out: _Records) -> None:
     """The part's items, parsed as a sequence of their own, in batches; ``e`` at the end."""
     loader: Any = loader_cls(part)
     builder = YamlBuilder(loader)
@@ -250,12 +287,11 @@ def _write_items(part: str, loader_cls: type[yaml.SafeLoader], out: IO[bytes]) -
     loader.get_event()  # DocumentEnd
     if not loader.check_event(ev.StreamEndEvent):
         raise _Doubt
-    out.write(b"e")
+    out.write(b"e", b"")
 
 
-def _write_batch(batch: list[Any], out: IO[bytes]) -> None:
+def _write_batch(batch: list[Any], out: _Records) -> None:
     try:
-        tag, data = b"m", marshal.dumps(batch)
+        out.write(b"m", marshal.dumps(batch))
     except ValueError:  # a timestamp, a set: values only pickle has a form for
-        tag, data = b"p", pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
-    out.write(tag + len(data).to_bytes(8, "little") + data)
+        out.write(b"p", pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
