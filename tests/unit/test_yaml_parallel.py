@@ -18,6 +18,8 @@ import yaml
 from kproxy.errors import InputError
 from kproxy.sources import yaml_parallel
 from kproxy.sources.files import iter_objects
+from kproxy.state import build_state
+from kproxy.testing.builders import endpoint, endpoint_slice, node, service
 
 
 class Spy:
@@ -212,3 +214,20 @@ def test_a_leading_document_start_is_no_doubt(spy: Spy, tmp_path: Path, monkeypa
     path.write_text("---\n" + _list(40))
     assert _load(path, monkeypatch, 2) == _load(path, monkeypatch, 1)
     assert spy.children and spy.fallbacks == 0
+
+
+def test_one_malformed_object_in_a_childs_part_loses_only_itself(
+    spy: Spy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects: list[dict[str, Any]] = [node()]
+    for i in range(400):
+        objects.append(service(name=f"svc{i}", cluster_ip=f"172.30.{i // 250}.{i % 250 + 1}"))
+        objects.append(endpoint_slice(f"svc{i}", endpoints=[endpoint(f"10.1.{i // 250}.{i % 250 + 1}", "node-1")]))
+    objects[701]["spec"]["ports"][0]["port"] = "eighty"  # Service svc350, in the child's part
+    path = tmp_path / "state.yaml"
+    path.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": objects}))
+    monkeypatch.setattr(yaml_parallel, "parts_here", lambda: 2)
+    state, rejected = build_state(iter_objects([path]))
+    assert spy.children and spy.fallbacks == 0
+    assert len(state.services) == 399 and len(state.slices) == 400
+    assert [str(e).split(":")[0] for e in rejected] == ["Service ns1/svc350"]
