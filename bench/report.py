@@ -199,12 +199,23 @@ def targets(results: Result) -> list[Result]:
             for what, path in (("sync", "sync.yaml"), ("run", "run")):
                 step = _step(col, path)
                 ok = step is not None and step.get("status", "ok") == "ok"
+                # A daemon stopped over budget after its first sync still had its peak read.
+                stopped = (
+                    what == "run"
+                    and step is not None
+                    and step.get("status") == "over budget"
+                    and step.get("peak_rss_after_first_sync_mib") is not None
+                )
                 # kproxy's own, as upstream's figure is its daemon's; the child beside it
-                value = (step.get("own_rss_mib") or step.get("peak_rss_mib")) if step and ok else None
+                value = (step.get("own_rss_mib") or step.get("peak_rss_mib")) if step and (ok or stopped) else None
                 child = step.get("children_rss_mib") if step and ok else None
                 measured = mib(value) if value is not None else (status_text(step, results["budget_s"]) or "-")
                 if child is not None:
-                    measured += f" (its largest child, the kernel tool: {mib(child)})"
+                    measured += f" (its largest child's: {mib(child)})"
+                if stopped and step is not None:
+                    changes = len(step.get("changes", []))
+                    measured += f" when stopped over budget ({secs(results['budget_s'])}), after its first sync"
+                    measured += f" and {changes} endpoint change{'s' if changes != 1 else ''}"
                 out.append(
                     {
                         "target": f"peak RSS of `kproxy {what}` {n:,} × {m}, {name}: at most {limit:g} MiB",
