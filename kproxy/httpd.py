@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
 
 from kproxy.config import split_host_port
 
@@ -31,8 +32,16 @@ class Response:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class WithQuery:
+    """A route that reads the request's query string (``?service=ns/name``), parsed as
+    `urllib.parse.parse_qs` does: each key with the list of its values."""
+
+    answer: Callable[[Mapping[str, list[str]]], Response]
+
+
 # What one path answers; a path without a route answers 404 unless there is an ANY_PATH route.
-Route = Callable[[], Response]
+Route = Callable[[], Response] | WithQuery
 ANY_PATH = "*"
 REQUEST_TIMEOUT = 10.0
 
@@ -82,8 +91,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         routes = self.server.routes
-        route = routes.get(self.path.split("?", 1)[0]) or routes.get(ANY_PATH)
-        answer = route() if route is not None else Response(404, TEXT, b"404 page not found\n")
+        path, _, query = self.path.partition("?")
+        route = routes.get(path) or routes.get(ANY_PATH)
+        if route is None:
+            answer = Response(404, TEXT, b"404 page not found\n")
+        elif isinstance(route, WithQuery):
+            answer = route.answer(parse_qs(query))
+        else:
+            answer = route()
         self.send_response(answer.status)
         self.send_header("Content-Type", answer.content_type)
         self.send_header("X-Content-Type-Options", "nosniff")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -40,11 +41,13 @@ def _service(value: str | None) -> tuple[str, str] | None:
     return namespace, name
 
 
-def _fetch(url: str) -> dict[str, Any]:
+def _fetch(url: str, service: tuple[str, str] | None) -> dict[str, Any]:
     if not url.startswith(("http://", "https://")):
         url = "http://" + url
     if not url.rstrip("/").endswith(DEBUG_PATH):
         url = url.rstrip("/") + DEBUG_PATH
+    if service is not None:  # the daemon then describes that Service only (`only_service` still narrows)
+        url += "?" + urllib.parse.urlencode({"service": "/".join(service)})
     try:
         with urllib.request.urlopen(url, timeout=30) as answer:
             table: dict[str, Any] = json.load(answer)
@@ -108,7 +111,7 @@ def status(from_url: str | None, output: str, service_name: str | None, check: b
     if from_url:
         if kw["state_paths"]:
             raise ConfigError("--from and --state: give one source")
-        table = only_service(_fetch(from_url), service)
+        table = only_service(_fetch(from_url, service), service)
         if table.get("mode") not in registry.MODES:
             raise InputError(f"--from: the answer names no known mode ({table.get('mode')!r})")
         cfg = (

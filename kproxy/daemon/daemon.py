@@ -92,7 +92,7 @@ from kproxy.daemon.services import ServiceTableFeed
 from kproxy.errors import BackendError, KproxyError
 from kproxy.families import kernel_families
 from kproxy.heap import keep_long_lived
-from kproxy.httpd import HTTPServer
+from kproxy.httpd import HTTPServer, WithQuery
 from kproxy.metrics import ProxyMetrics
 from kproxy.metrics import serve as serve_metrics
 from kproxy.model import IPFamily, Node, ServicePortName
@@ -353,7 +353,7 @@ class Daemon:
                 lambda a: serve_health(
                     self.health,
                     a,
-                    {"/debug/sync": self.sync_log.response, "/debug/services": self.service_table.response},
+                    {"/debug/sync": self.sync_log.response, "/debug/services": WithQuery(self.service_table.response)},
                 ),
             ),
             ("metrics", self.cfg.metrics_bind_address, lambda a: serve_metrics(self.metrics, a, self.cfg.proxy.mode)),

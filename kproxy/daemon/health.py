@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from kproxy.httpd import ANY_PATH, JSON, HTTPServer, Response, listen
+from kproxy.httpd import ANY_PATH, JSON, HTTPServer, Response, Route, listen
 from kproxy.metrics import ProxyMetrics
 from kproxy.model import IPFamily, Node
 
@@ -139,9 +139,7 @@ class ProxyHealth:
         return Response(code, JSON, json.dumps(body, separators=(",", ":")).encode())
 
 
-def serve_health(
-    health: ProxyHealth, address: str, debug: Mapping[str, Callable[[], Response]] | None = None
-) -> HTTPServer:
+def serve_health(health: ProxyHealth, address: str, debug: Mapping[str, Route] | None = None) -> HTTPServer:
     """Serve /healthz and /livez (and the `debug` routes, e.g. /debug/sync) on `address`;
     OSError when it cannot be bound."""
     return listen(address, {"/healthz": health.healthz, "/livez": health.livez, **(debug or {})})
@@ -178,7 +176,7 @@ class ServiceHealthServers:
         health: ProxyHealth,
         node_name: str,
         *,
-        listener: Callable[[str, dict[str, Callable[[], Response]]], HTTPServer] = listen,
+        listener: Callable[[str, dict[str, Route]], HTTPServer] = listen,
     ) -> None:
         self._health = health
         self._node = node_name

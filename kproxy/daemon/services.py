@@ -15,6 +15,10 @@ Cost, and why it is safe at 50,000 Services:
   entries: the only moment the sync thread may wait), then builds the table and the JSON outside
   it, on the HTTP thread, from frozen values: the mode's `describe` renders each Service port
   again, which is pure and equals what the sync rendered.
+- That render is seconds of CPU at 50,000 Services, and it holds the interpreter's lock the
+  sync thread needs: the whole table's answer is kept until the next hand-over, so a poller
+  asking every few seconds costs one render per sync, and ``?service=NAMESPACE/NAME``
+  (`kproxy status --from URL --service`) renders that Service's ports only.
 Read-only: the server answers GET only.
 """
 
@@ -25,10 +29,10 @@ import threading
 from collections.abc import Mapping
 
 from kproxy.daemon.health import go_time
-from kproxy.httpd import JSON, Response
+from kproxy.httpd import JSON, TEXT, Response
 from kproxy.model import Endpoint, IPFamily, ServicePort, ServicePortName
 from kproxy.node import NodeContext
-from kproxy.status import Describe, service_table
+from kproxy.status import Describe, narrowed, service_table
 from kproxy.view import FamilyView
 
 
@@ -41,6 +45,8 @@ class ServiceTableFeed:
         self._endpoints: dict[IPFamily, dict[ServicePortName, tuple[Endpoint, ...]]] = {}
         self._contexts: dict[IPFamily, NodeContext] = {}
         self._last_sync: float | None = None
+        self._handovers = 0  # bumped by each hand-over: what a kept answer is valid for
+        self._kept: tuple[int, bytes] | None = None  # the whole table's answer, and its hand-over
         # Sync thread only: the ports changed since the last hand-over (None: all of them).
         self._pending: dict[IPFamily, set[ServicePortName] | None] = {}
 
@@ -84,17 +90,24 @@ class ServiceTableFeed:
                         endpoints[name] = eps
             self._contexts.update(contexts)
             self._last_sync = when
+            self._handovers += 1
         self._pending = {family: set() for family in views}
 
     # -- the HTTP threads ----------------------------------------------------------------------
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self, service: tuple[str, str] | None = None) -> dict[str, object]:
+        return self._table(service)[1]
+
+    def _table(self, service: tuple[str, str] | None) -> tuple[int, dict[str, object]]:
+        families: dict[IPFamily, tuple[FamilyView, NodeContext]] = {}
         with self._lock:
-            families = {
-                f: (FamilyView(dict(self._ports.get(f, {})), dict(self._endpoints.get(f, {}))), ctx)
-                for f, ctx in self._contexts.items()
-            }
-            last = self._last_sync
+            for f, ctx in self._contexts.items():
+                ports, endpoints = self._ports.get(f, {}), self._endpoints.get(f, {})
+                if service is None:
+                    families[f] = (FamilyView(dict(ports), dict(endpoints)), ctx)
+                else:  # that Service's ports only are copied (the scan is milliseconds at 50,000)
+                    families[f] = (narrowed(FamilyView(ports, endpoints), service), ctx)
+            last, handover = self._last_sync, self._handovers
         table = service_table(
             families,
             self._describe,
@@ -102,7 +115,32 @@ class ServiceTableFeed:
             source="daemon",
             last_sync=None if last is None else go_time(last),
         )
-        return table.to_json()
+        return handover, table.to_json()
 
-    def response(self) -> Response:
-        return Response(200, JSON, json.dumps(self.to_json(), indent=1).encode() + b"\n")
+    def response(self, query: Mapping[str, list[str]]) -> Response:
+        wanted = query.get("service", [])
+        if len(wanted) > 1 or (wanted and not _service_key(wanted[0])):
+            return Response(400, TEXT, b"service: one NAMESPACE/NAME\n")
+        if wanted:
+            _, table = self._table(_service_key(wanted[0]))
+            return Response(200, JSON, _encode(table))
+        with self._lock:
+            kept = self._kept if self._kept is not None and self._kept[0] == self._handovers else None
+        if kept is None:
+            handover, table = self._table(None)
+            kept = (handover, _encode(table))
+            with self._lock:
+                if self._kept is None or self._kept[0] < handover:
+                    self._kept = kept
+        return Response(200, JSON, kept[1])
+
+
+def _service_key(text: str) -> tuple[str, str] | None:
+    namespace, sep, name = text.partition("/")
+    if not sep or not namespace or not name or "/" in name:
+        return None
+    return namespace, name
+
+
+def _encode(table: dict[str, object]) -> bytes:
+    return json.dumps(table, indent=1).encode() + b"\n"

@@ -312,6 +312,29 @@ def test_the_daemon_hands_over_only_what_changed_and_nothing_a_failed_sync_stage
     assert len(feed.to_json()["servicePorts"]) == 300  # type: ignore[arg-type]
 
 
+def test_the_daemons_answer_is_kept_until_the_next_hand_over_and_one_service_is_described_alone() -> None:
+    described: list[int] = []  # the size of each view `describe` was given
+
+    def describe(view: FamilyView, ctx: Any) -> dict[ServicePortName, tuple[KernelObject, ...]]:
+        described.append(len(view.ports))
+        return {}
+
+    feed = ServiceTableFeed("iptables", describe)
+    views, contexts = _views(300, None)
+    feed.staged(views)
+    feed.synced(views, contexts, 1_700_000_000.0)
+    first = feed.response({})
+    assert first.status == 200 and len(json.loads(first.body)["servicePorts"]) == 300
+    assert feed.response({}).body == first.body and described == [300]  # kept: not rendered again
+    one = feed.response({"service": ["ns1/s7"]})
+    assert [p["name"] for p in json.loads(one.body)["servicePorts"]] == ["s7"] and described == [300, 1]
+    feed.staged(views)
+    feed.synced(views, contexts, 1_700_000_001.0)  # a hand-over: the kept answer is stale
+    assert json.loads(feed.response({}).body)["lastSync"] == "2023-11-14T22:13:21Z" and described[-1] == 300
+    for bad in (["s7"], ["ns1/s7", "ns1/s8"], ["ns1/s7/x"]):
+        assert feed.response({"service": bad}).status == 400
+
+
 def test_v6_and_unused_config_fields() -> None:
     cfg = ProxyConfig(node_name="node-1", cluster_cidrs=("10.0.0.0/8", "fd00:10::/32"))
     objs = [
