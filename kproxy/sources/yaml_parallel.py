@@ -103,7 +103,15 @@ def documents(text: str, loader_cls: type[yaml.SafeLoader], source: str) -> Iter
     if plan is None:
         yield from yaml_documents(text, loader_cls, source)
         return
-    children = [_Child.start(text[a:b], loader_cls) for a, b in plan.parts()]
+    children: list[_Child] = []
+    try:
+        for a, b in plan.parts():
+            children.append(_Child.start(text[a:b], loader_cls))
+    except OSError:  # no fork, no memfd (process or memory limits): one process does it all
+        for child in children:
+            child.stop()
+        yield from yaml_documents(text, loader_cls, source)
+        return
     try:
         doc = Document({})
         doc.items = _Parallel(text, plan, children, loader_cls, source, doc).items()
@@ -199,9 +207,16 @@ class _Child:
 
     @classmethod
     def start(cls, part: str, loader_cls: type[yaml.SafeLoader]) -> _Child:
-        fd = os.memfd_create("kproxy-yaml-items", os.MFD_CLOEXEC)
-        notes, noting = os.pipe()
-        pid = os.fork()
+        opened: list[int] = []
+        try:
+            opened.append(fd := os.memfd_create("kproxy-yaml-items", os.MFD_CLOEXEC))
+            notes, noting = os.pipe()
+            opened += [notes, noting]
+            pid = os.fork()
+        except OSError:
+            for each in opened:
+                os.close(each)
+            raise
         if pid == 0:  # pragma: no cover - the child's coverage is not collected
             status = 1
             try:
@@ -230,7 +245,11 @@ class _Child:
                     if self._reap() != 0:
                         raise _Doubt
                     return
-                yield from (marshal.loads(data) if tag == b"m" else pickle.loads(data))
+                try:
+                    batch = marshal.loads(data) if tag == b"m" else pickle.loads(data)
+                except (ValueError, EOFError, TypeError, pickle.UnpicklingError):
+                    raise _Doubt from None
+                yield from batch
 
     def _pread(self, size: int, offset: int) -> bytes:
         data = os.pread(self.fd, size, offset)

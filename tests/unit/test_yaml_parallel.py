@@ -231,3 +231,30 @@ def test_one_malformed_object_in_a_childs_part_loses_only_itself(
     assert spy.children and spy.fallbacks == 0
     assert len(state.services) == 399 and len(state.slices) == 400
     assert [str(e).split(":")[0] for e in rejected] == ["Service ns1/svc350"]
+
+
+def test_no_fork_means_one_process(spy: Spy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "state.yaml"
+    path.write_text(_list(40))
+    alone = _load(path, monkeypatch, 1)
+
+    def refused() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")  # fork's EAGAIN
+
+    monkeypatch.setattr(os, "fork", refused)
+    assert _load(path, monkeypatch, 3) == alone
+    assert not spy.children
+
+
+def test_a_record_that_does_not_decode_is_a_doubt(spy: Spy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "state.yaml"
+    path.write_text(_list(40))
+    alone = _load(path, monkeypatch, 1)
+    write = yaml_parallel._Records.write
+
+    def garbled(self: Any, tag: bytes, data: bytes) -> None:  # runs in the forked child
+        write(self, tag, data[: len(data) // 2] if tag == b"m" else data)
+
+    monkeypatch.setattr(yaml_parallel._Records, "write", garbled)
+    assert _load(path, monkeypatch, 2) == alone
+    assert spy.children and spy.fallbacks == 1
