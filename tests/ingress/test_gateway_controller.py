@@ -134,6 +134,10 @@ def test_route_change_reloads_without_dropping_an_in_flight_request(harness: Cal
     assert h.ctl.ready.wait(15)
     h.api.create("httproutes", httproute(h, "s1"))
     h.served_by("gw.test", "s1")
+    # The worker of the configuration before the route may still accept a connection until it
+    # has taken the master's QUIT (nginx's reload): then it answers 404. The in-flight request
+    # must reach the route's worker, the only one once the old has gone.
+    wait_until(lambda: len(h.ctl.nginx.workers()) == 1, 15, "the worker without the route to exit")
     # A request in flight (headers and half its body sent) while the route changes and nginx
     # reloads: the old worker finishes it on the old route.
     conn = http.client.HTTPConnection(LOOPBACK, h.http_port, timeout=10)
