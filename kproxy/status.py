@@ -270,6 +270,14 @@ def port_status(
 Describe = Callable[[FamilyView, NodeContext], Mapping[ServicePortName, Sequence[KernelObject]]]
 
 
+def service_key(text: str) -> tuple[str, str] | None:
+    """``NAMESPACE/NAME`` as (namespace, name), or None when it is not that."""
+    namespace, sep, name = text.partition("/")
+    if not sep or not namespace or not name or "/" in name:
+        return None
+    return namespace, name
+
+
 def narrowed(view: FamilyView, service: tuple[str, str] | None) -> FamilyView:
     """The view of one Service (namespace, name), or the whole view for None."""
     if service is None:

@@ -27,7 +27,7 @@ from kproxy.cli.main import _load, _load_config, _written, replay_options, state
 from kproxy.config import RunConfig, load_run_config
 from kproxy.errors import ConfigError, InputError
 from kproxy.model import IPFamily
-from kproxy.status import expected_objects, only_service, service_table, text
+from kproxy.status import expected_objects, only_service, service_key, service_table, text
 
 DEBUG_PATH = "/debug/services"
 
@@ -35,10 +35,10 @@ DEBUG_PATH = "/debug/services"
 def _service(value: str | None) -> tuple[str, str] | None:
     if value is None:
         return None
-    namespace, sep, name = value.partition("/")
-    if not sep or not namespace or not name or "/" in name:
+    key = service_key(value)
+    if key is None:
         raise ConfigError(f"--service: {value!r} is not NAMESPACE/NAME")
-    return namespace, name
+    return key
 
 
 def _fetch(url: str, service: tuple[str, str] | None) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from kproxy.daemon.health import go_time
 from kproxy.httpd import JSON, TEXT, Response
 from kproxy.model import Endpoint, IPFamily, ServicePort, ServicePortName
 from kproxy.node import NodeContext
-from kproxy.status import Describe, narrowed, service_table
+from kproxy.status import Describe, narrowed, service_key, service_table
 from kproxy.view import FamilyView
 
 
@@ -118,11 +118,11 @@ class ServiceTableFeed:
         return handover, table.to_json()
 
     def response(self, query: Mapping[str, list[str]]) -> Response:
-        wanted = query.get("service", [])
-        if len(wanted) > 1 or (wanted and not _service_key(wanted[0])):
+        wanted = [service_key(text) for text in query.get("service", [])]
+        if len(wanted) > 1 or wanted[:1] == [None]:
             return Response(400, TEXT, b"service: one NAMESPACE/NAME\n")
         if wanted:
-            _, table = self._table(_service_key(wanted[0]))
+            _, table = self._table(wanted[0])
             return Response(200, JSON, _encode(table))
         with self._lock:
             kept = self._kept if self._kept is not None and self._kept[0] == self._handovers else None
@@ -133,13 +133,6 @@ class ServiceTableFeed:
                 if self._kept is None or self._kept[0] < handover:
                     self._kept = kept
         return Response(200, JSON, kept[1])
-
-
-def _service_key(text: str) -> tuple[str, str] | None:
-    namespace, sep, name = text.partition("/")
-    if not sep or not namespace or not name or "/" in name:
-        return None
-    return namespace, name
 
 
 def _encode(table: dict[str, object]) -> bytes:
